@@ -1,0 +1,89 @@
+"""Database sessions done right on SQLite and PostgreSQL.
+
+Owns: the SQLite connection pragmas, the pysqlite transaction recipe (we emit BEGIN
+ourselves, BEGIN IMMEDIATE for writes), and `write_tx()`, the only way code opens a
+transaction that writes.
+"""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from typing import Iterator
+
+from flask import current_app
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from console.extensions import db
+
+_IMMEDIATE = "sqlite_immediate"
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_on_connect(dbapi_conn, _record) -> None:
+    if not isinstance(dbapi_conn, sqlite3.Connection):
+        return
+    # Autocommit at the driver level: pysqlite's own implicit BEGIN runs SELECTs outside
+    # the transaction; the "begin" listener below starts transactions instead.
+    dbapi_conn.isolation_level = None
+    try:
+        timeout = int(current_app.config.get("SQLITE_BUSY_TIMEOUT_MS", 5000))
+    except RuntimeError:  # outside an app (alembic offline, scripts)
+        timeout = 5000
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={timeout:d}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    # NORMAL may lose a committed transaction on power loss; this is a money database.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
+
+
+@event.listens_for(Engine, "begin")
+def _sqlite_on_begin(conn) -> None:
+    if conn.dialect.name != "sqlite":
+        return
+    # A deferred transaction that later writes fails at once with SQLITE_BUSY when another
+    # writer got in first (busy_timeout is not consulted); IMMEDIATE waits for the lock.
+    if conn.get_execution_options().get(_IMMEDIATE):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+def sqlite_engine_options(uri: str) -> dict:
+    if uri.startswith("sqlite"):
+        # The pool hands a connection to one thread at a time.
+        return {"connect_args": {"check_same_thread": False}}
+    return {}
+
+
+@contextmanager
+def write_tx(session: Session | None = None) -> Iterator[Session]:
+    """One short write transaction, committed on exit and rolled back on error.
+
+    Nested uses join the outer transaction. A read transaction still open on the session
+    is ended first, so the write starts fresh with BEGIN IMMEDIATE on SQLite.
+    """
+    s = session or db.session()  # the request's real Session, not the scoped proxy
+    depth = s.info.get("write_tx_depth", 0)
+    if depth:
+        s.info["write_tx_depth"] = depth + 1
+        try:
+            yield s
+        finally:
+            s.info["write_tx_depth"] = depth
+        return
+    if s.in_transaction():
+        s.commit()
+    s.connection(execution_options={_IMMEDIATE: True})
+    s.info["write_tx_depth"] = 1
+    try:
+        yield s
+        s.commit()
+    except BaseException:
+        s.rollback()
+        raise
+    finally:
+        s.info["write_tx_depth"] = 0

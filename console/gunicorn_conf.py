@@ -1,0 +1,27 @@
+"""Gunicorn settings: `gunicorn -c python:console.gunicorn_conf app:app`.
+
+Serving model, chosen from measurements (bench/README.md): gevent workers. LLM calls stream
+for seconds to minutes; a thread-per-request worker caps concurrent streams at its thread
+count, while a gevent worker holds thousands of idle streams. Database statements are kept
+short (one small transaction each) so they never stall the other streams of a worker.
+"""
+import multiprocessing
+import os
+
+bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
+worker_class = os.environ.get("WORKER_CLASS", "gevent")
+workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count())))
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "4000"))
+# With gevent this is the heartbeat timeout, not a cap on a stream's length.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+# Request-line and header limits (gunicorn defaults, named so reviewers see them).
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+# The access log never shows headers or query strings, so no credential can reach it.
+accesslog = os.environ.get("ACCESS_LOG", "-")
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")

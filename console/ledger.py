@@ -1,0 +1,190 @@
+"""Every balance change: credit, charge, hold, release, settle, adjust — and verification.
+
+The only code that writes wallets or ledger_entries. Each operation is one conditional
+UPDATE … RETURNING (the check and the debit are one statement, checked by the row it
+returns) plus, when the balance moves, one append-only ledger row carrying the balance
+after it. Operations run inside `write_tx()` (joining the caller's transaction if there
+is one), never across network I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+
+from console.database import write_tx
+from console.extensions import db
+from console.models import LedgerEntry, Wallet, utcnow
+
+
+class LedgerError(Exception):
+    """Base of the ledger's domain errors."""
+
+
+class InsufficientFunds(LedgerError):
+    def __init__(self, available_micros: int | None = None):
+        super().__init__("insufficient balance")
+        self.available_micros = available_micros
+
+
+class NoWallet(LedgerError):
+    pass
+
+
+@dataclass(frozen=True)
+class Movement:
+    entry_id: int | None
+    balance_micros: int
+    held_micros: int
+
+
+def _positive(amount: int) -> None:
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise ValueError("amount must be a positive integer of micro-credits")
+
+
+def create_wallet(user_id: int) -> None:
+    with write_tx():
+        db.session.execute(insert(Wallet).values(user_id=user_id, balance_micros=0, held_micros=0))
+
+
+def _move(user_id: int, *, balance_delta: int = 0, held_delta: int = 0,
+          need_available: int | None = None, need_held: int | None = None):
+    """One conditional UPDATE; returns (wallet_id, balance, held) or None when the guard failed."""
+    stmt = (
+        update(Wallet)
+        .where(Wallet.user_id == user_id)
+        .values(
+            balance_micros=Wallet.balance_micros + balance_delta,
+            held_micros=Wallet.held_micros + held_delta,
+            updated_at=utcnow(),
+        )
+        .returning(Wallet.id, Wallet.balance_micros, Wallet.held_micros)
+    )
+    if need_available is not None:
+        stmt = stmt.where(Wallet.balance_micros - Wallet.held_micros >= need_available)
+    if need_held is not None:
+        stmt = stmt.where(Wallet.held_micros >= need_held)
+    return db.session.execute(stmt).first()
+
+
+def _guard_failed(user_id: int) -> LedgerError:
+    w = db.session.execute(
+        select(Wallet.balance_micros - Wallet.held_micros).where(Wallet.user_id == user_id)
+    ).scalar()
+    return NoWallet() if w is None else InsufficientFunds(w)
+
+
+def _entry(wallet_id: int, user_id: int, kind: str, amount: int, balance_after: int,
+           ref_type: str | None, ref_id: str | None, actor_id: int | None,
+           reason: str | None) -> int:
+    return db.session.execute(
+        insert(LedgerEntry)
+        .values(wallet_id=wallet_id, user_id=user_id, kind=kind, amount_micros=amount,
+                balance_after_micros=balance_after, ref_type=ref_type, ref_id=ref_id,
+                actor_id=actor_id, reason=reason, created_at=utcnow())
+        .returning(LedgerEntry.id)
+    ).scalar_one()
+
+
+def credit(user_id: int, amount: int, *, kind: str, ref_type: str | None = None,
+           ref_id: str | None = None, actor_id: int | None = None,
+           reason: str | None = None) -> Movement:
+    """Add money (voucher, refund, positive adjustment)."""
+    _positive(amount)
+    with write_tx():
+        row = _move(user_id, balance_delta=amount)
+        if row is None:
+            raise NoWallet()
+        entry = _entry(row[0], user_id, kind, amount, row[1], ref_type, ref_id, actor_id, reason)
+        return Movement(entry, row[1], row[2])
+
+
+def charge(user_id: int, amount: int, *, kind: str = "usage_charge", ref_type: str | None = None,
+           ref_id: str | None = None, actor_id: int | None = None,
+           reason: str | None = None) -> Movement:
+    """Take money only if the available balance covers it (one statement)."""
+    _positive(amount)
+    with write_tx():
+        row = _move(user_id, balance_delta=-amount, need_available=amount)
+        if row is None:
+            raise _guard_failed(user_id)
+        entry = _entry(row[0], user_id, kind, -amount, row[1], ref_type, ref_id, actor_id, reason)
+        return Movement(entry, row[1], row[2])
+
+
+def hold(user_id: int, amount: int) -> Movement:
+    """Reserve money for an in-flight call; the balance does not move, so no ledger row."""
+    _positive(amount)
+    with write_tx():
+        row = _move(user_id, held_delta=amount, need_available=amount)
+        if row is None:
+            raise _guard_failed(user_id)
+        return Movement(None, row[1], row[2])
+
+
+def release(user_id: int, amount: int) -> Movement:
+    """Give back a hold that will not be charged."""
+    _positive(amount)
+    with write_tx():
+        row = _move(user_id, held_delta=-amount, need_held=amount)
+        if row is None:
+            raise LedgerError("release larger than the held amount")
+        return Movement(None, row[1], row[2])
+
+
+def settle(user_id: int, *, hold_micros: int, charge_micros: int, ref_type: str,
+           ref_id: str) -> Movement:
+    """Release a call's hold and charge what it actually cost, in one statement.
+
+    The charge is not capped by the available balance: the upstream has already served the
+    call, so the money is owed. Holds are upper-bound estimates, so the balance can dip
+    below zero only by an estimate's error (documented in docs/billing.md).
+    """
+    if hold_micros < 0 or charge_micros < 0:
+        raise ValueError("negative hold or charge")
+    with write_tx():
+        row = _move(user_id, balance_delta=-charge_micros, held_delta=-hold_micros,
+                    need_held=hold_micros)
+        if row is None:
+            raise LedgerError("settle: the hold is not there")
+        entry = None
+        if charge_micros:
+            entry = _entry(row[0], user_id, "usage_charge", -charge_micros, row[1],
+                           ref_type, ref_id, None, None)
+        return Movement(entry, row[1], row[2])
+
+
+def adjust(user_id: int, amount: int, *, actor_id: int, reason: str) -> Movement:
+    """Staff adjustment with a mandatory reason; a debit never takes more than is available."""
+    if not reason or not reason.strip():
+        raise ValueError("an adjustment needs a reason")
+    if amount > 0:
+        return credit(user_id, amount, kind="admin_adjust", actor_id=actor_id, reason=reason)
+    return charge(user_id, -amount, kind="admin_adjust", actor_id=actor_id, reason=reason)
+
+
+def wallet_of(user_id: int) -> Wallet | None:
+    return db.session.scalar(select(Wallet).where(Wallet.user_id == user_id))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    user_id: int
+    balance_micros: int
+    ledger_sum_micros: int
+
+
+def verify() -> list[Mismatch]:
+    """Every wallet whose balance differs from the sum of its ledger entries."""
+    sums = (
+        select(LedgerEntry.wallet_id, func.coalesce(func.sum(LedgerEntry.amount_micros), 0).label("s"))
+        .group_by(LedgerEntry.wallet_id)
+        .subquery()
+    )
+    rows = db.session.execute(
+        select(Wallet.user_id, Wallet.balance_micros, func.coalesce(sums.c.s, 0))
+        .outerjoin(sums, sums.c.wallet_id == Wallet.id)
+        .order_by(Wallet.user_id)
+    ).all()
+    return [Mismatch(u, b, int(s)) for u, b, s in rows if b != int(s)]

@@ -1,0 +1,111 @@
+"""What a call costs: the single function that prices tokens, used by billing, the pricing
+page, the calculator and the usage detail alike, so they can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from console.money import charge_micros, format_fixed, format_multiplier, format_usd_micros, format_usd_pico
+
+TOKEN_CLASSES = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+CLASS_LABELS = {
+    "input": "input",
+    "output": "output",
+    "cache_write_5m": "cache write (5 min)",
+    "cache_write_1h": "cache write (1 h)",
+    "cache_read": "cache read",
+}
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Unit prices in micro-USD per 1M tokens (per_call: micro-USD per call)."""
+
+    input: int = 0
+    output: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+    per_call: int = 0
+
+    @classmethod
+    def of(cls, model) -> "Prices":
+        """From a ModelPrice row; cache classes without a price fall back to the input price."""
+        return cls(
+            input=model.input_price,
+            output=model.output_price,
+            cache_write_5m=model.cache_write_5m_price if model.cache_write_5m_price is not None else model.input_price,
+            cache_write_1h=model.cache_write_1h_price if model.cache_write_1h_price is not None else model.input_price,
+            cache_read=model.cache_read_price if model.cache_read_price is not None else model.input_price,
+            per_call=model.per_call_price or 0,
+        )
+
+    @classmethod
+    def of_record(cls, rec) -> "Prices":
+        """The prices a usage record was billed with."""
+        return cls(rec.input_price, rec.output_price, rec.cache_write_5m_price,
+                   rec.cache_write_1h_price, rec.cache_read_price, rec.per_call_price)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    input: int = 0
+    output: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+
+    @classmethod
+    def of_record(cls, rec) -> "Tokens":
+        return cls(rec.input_tokens, rec.output_tokens, rec.cache_write_5m_tokens,
+                   rec.cache_write_1h_tokens, rec.cache_read_tokens)
+
+
+@dataclass(frozen=True)
+class Quote:
+    tokens: Tokens
+    prices: Prices
+    multiplier_ppm: int
+    official_pico: int
+    charge_micros: int
+    terms: tuple[tuple[str, int, int], ...] = field(default=())  # (class, tokens, price)
+
+    def formula(self, symbol: str = "") -> str:
+        """'(1,234 × $3.00 + 567 × $15.00) / 1M = $0.011739 official × 0.3 = 0.003522 credits'."""
+        parts = [f"{n:,} × {format_usd_micros(p)}" for _c, n, p in self.terms]
+        if parts:
+            head = "(" + " + ".join(parts) + ") / 1M"
+            if self.prices.per_call:
+                head += f" + {format_usd_micros(self.prices.per_call)} per call"
+        else:
+            head = f"{format_usd_micros(self.prices.per_call)} per call"
+        mult = format_multiplier(self.multiplier_ppm).removesuffix("x")
+        return (f"{head} = {format_usd_pico(self.official_pico)} official × {mult} = "
+                f"{symbol}{format_fixed(self.charge_micros)} credits")
+
+
+def quote(tokens: Tokens, prices: Prices, multiplier_ppm: int) -> Quote:
+    """Official cost in pico-USD (tokens × micro-USD-per-1M is exact) × multiplier, rounded once."""
+    terms = tuple(
+        (c, getattr(tokens, c), getattr(prices, c))
+        for c in TOKEN_CLASSES
+        if getattr(tokens, c)
+    )
+    for _c, n, _p in terms:
+        if n < 0:
+            raise ValueError("token counts are never negative")
+    official = sum(n * p for _c, n, p in terms) + prices.per_call * 10**6
+    return Quote(tokens, prices, multiplier_ppm, official, charge_micros(official, multiplier_ppm), terms)
+
+
+def max_charge(prices: Prices, multiplier_ppm: int, input_tokens_max: int, output_tokens_max: int) -> int:
+    """Upper bound of a call's charge, for the admission hold: every input token is priced at
+    the dearest input class (a cache write costs more than plain input)."""
+    dearest_input = max(prices.input, prices.cache_write_5m, prices.cache_write_1h, prices.cache_read)
+    bound = Prices(input=dearest_input, output=prices.output, per_call=prices.per_call)
+    return quote(Tokens(input=input_tokens_max, output=output_tokens_max), bound, multiplier_ppm).charge_micros
+
+
+def price_per_million_credits(price_micro_usd: int, multiplier_ppm: int) -> int:
+    """Effective price shown on the pricing page: micro-credits per 1M tokens in a group."""
+    return quote(Tokens(input=1_000_000), Prices(input=price_micro_usd), multiplier_ppm).charge_micros

@@ -1,0 +1,29 @@
+"""Errors in each API's own JSON shape (OpenAI or Anthropic)."""
+from __future__ import annotations
+
+from flask import jsonify, request
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+                 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
+                 415: "invalid_request_error", 429: "rate_limit_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+                    504: "api_error"}
+
+
+def is_anthropic_request() -> bool:
+    return request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
+
+
+def error_response(status: int, message: str, *, code: str | None = None, headers: dict | None = None):
+    if is_anthropic_request():
+        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    else:
+        body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                          "param": None, "code": code}}
+    resp = jsonify(body)
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp

@@ -1,0 +1,70 @@
+"""Idempotent seeding: groups, official prices, FAQ, and (with --demo) demo accounts."""
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from console import accounts, ledger
+from console.database import write_tx
+from console.extensions import db
+from console.models import FaqEntry, Group, GroupModel, LedgerEntry, ModelPrice, User
+from console.money import parse_multiplier, parse_usd
+from console.seed_data import FAQ, GROUPS, MODELS
+
+DEMO_ADMIN = ("admin@example.com", "admin-demo-password")
+DEMO_USER = ("demo@example.com", "demo-user-password")
+DEMO_CREDITS_MICROS = 100 * 1_000_000
+
+
+def _usd(v: str | None) -> int | None:
+    return None if v is None else parse_usd(v)
+
+
+def seed_reference() -> None:
+    """Models, groups and FAQ; existing rows (edited by admins) are left alone."""
+    with write_tx():
+        existing = set(db.session.scalars(select(ModelPrice.name)))
+        for i, (name, provider, kind, inp, out, cw5, cw1, cr, max_out, ctx) in enumerate(MODELS):
+            if name in existing:
+                continue
+            db.session.add(ModelPrice(
+                name=name, provider=provider, kind=kind, input_price=parse_usd(inp),
+                output_price=parse_usd(out), cache_write_5m_price=_usd(cw5),
+                cache_write_1h_price=_usd(cw1), cache_read_price=_usd(cr),
+                max_output_tokens=max_out, context_window=ctx, sort_order=i,
+            ))
+        db.session.flush()
+        by_name = {m.name: m.id for m in db.session.scalars(select(ModelPrice))}
+        have = set(db.session.scalars(select(Group.slug)))
+        for slug, name, desc, mult, badge, conc, rpm, models, order in GROUPS:
+            if slug in have:
+                continue
+            group = Group(slug=slug, name=name, description=desc, multiplier_ppm=parse_multiplier(mult),
+                          badge=badge, concurrency_limit=conc, rpm_limit=rpm, visible=True, sort_order=order)
+            db.session.add(group)
+            db.session.flush()
+            for model_name in models or by_name:
+                db.session.add(GroupModel(group_id=group.id, model_id=by_name[model_name]))
+        have_faq = set(db.session.scalars(select(FaqEntry.slug)))
+        for i, (slug, question, answer) in enumerate(FAQ):
+            if slug not in have_faq:
+                db.session.add(FaqEntry(slug=slug, question=question, answer_md=answer, sort_order=i))
+
+
+def _ensure_user(email: str, password: str, role: str) -> User:
+    user = db.session.scalar(select(User).where(User.email == email))
+    return user or accounts.create_user(email, password, role)
+
+
+def seed_demo() -> list[tuple[str, str, str]]:
+    """Demo admin and user (with a 100-credit balance granted once). Returns printed logins."""
+    seed_reference()
+    admin = _ensure_user(*DEMO_ADMIN, "admin")
+    user = _ensure_user(*DEMO_USER, "user")
+    if user.default_group_id is None:
+        with write_tx():
+            u = db.session.get(User, user.id)
+            u.default_group_id = db.session.scalar(select(Group.id).where(Group.slug == "recommended"))
+    has_entries = db.session.scalar(select(func.count()).select_from(LedgerEntry).where(LedgerEntry.user_id == user.id))
+    if not has_entries:
+        ledger.adjust(user.id, DEMO_CREDITS_MICROS, actor_id=admin.id, reason="demo seed balance")
+    return [("admin", *DEMO_ADMIN), ("user", *DEMO_USER)]
