@@ -92,9 +92,11 @@ def _init_extensions(app: Flask) -> None:
 def _register_blueprints(app: Flask) -> None:
     from console.extensions import csrf
     from console.relay import bp as relay_bp
-    from console.views import admin, auth, groups, keys, pages, support, usage, wallet
+    from console.views import (admin, admin_catalog, admin_channels, admin_vouchers, auth, groups,
+                               keys, pages, support, usage, wallet)
 
-    for module in (pages, auth, wallet, keys, groups, usage, support, admin):
+    for module in (pages, auth, wallet, keys, groups, usage, support, admin, admin_vouchers,
+                   admin_channels, admin_catalog):
         app.register_blueprint(module.bp)
     # The relay authenticates by API key only and never reads cookies, so CSRF does not apply.
     csrf.exempt(relay_bp)
