@@ -18,6 +18,7 @@ text-generating ones (chat completions, responses, messages):
                      before its headers, like a provider generating the whole answer
   status=CODE        fail at once with CODE in the provider's error shape (429 adds retry-after: 1)
   fail_first=N       the first N requests with the same x-fake-key header value fail with 500
+                     (no header is a key of its own; POST /_fake/reset forgets the counts)
   hang_before_ms=N   sleep before sending the response headers
   drip_ms=N          first send an SSE comment (non-stream: a space) every N ms for 120 s,
                      so an idle-read timeout never fires but a total deadline does
@@ -262,8 +263,11 @@ class _Call:
     def error(self, status, message):
         if self.anthropic:
             kind = _ANTHROPIC_ERRORS.get(status, "api_error")
-            body = {"type": "error", "error": {"type": kind, "message": message}}
-            body["request_id"] = self.rid
+            body = {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": self.rid,
+            }
         else:
             kind, code = _OPENAI_ERRORS.get(status, ("server_error", None))
             body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -410,8 +414,9 @@ class FakeUpstream:
         headers = {
             k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k[:5] == "HTTP_"
         }
-        if environ.get("CONTENT_TYPE"):
-            headers["content-type"] = environ["CONTENT_TYPE"]
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.lower().replace("_", "-")] = environ[key]
         call = _Call(environ, path, f"req_fake_{self._seq:08d}", headers)
         raw = environ["wsgi.input"].read() if method == "POST" else b""
         try:

@@ -9,6 +9,8 @@ import os
 import uuid
 
 import pytest
+from flask import has_app_context
+from flask.testing import FlaskClient
 
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 
@@ -62,6 +64,25 @@ def db_url(request, tmp_path) -> str:
     return url
 
 
+class IsolatedClient(FlaskClient):
+    """Each request runs in its own app context, as in production (fresh `g`, fresh session).
+
+    A test holding an app context (the `ctx` fixture) would otherwise share `g` and the
+    database session with every request it makes. Around each request the test's own
+    session ends its transaction (so it sees what the request committed) and is expired.
+    """
+
+    def open(self, *args, **kwargs):
+        outer = has_app_context()
+        if outer:
+            db.session.commit()
+        with self.application.app_context():
+            resp = super().open(*args, **kwargs)
+        if outer:
+            db.session.expire_all()
+        return resp
+
+
 def make_app(url: str, **overrides):
     config = {
         "SQLALCHEMY_DATABASE_URI": url,
@@ -72,7 +93,9 @@ def make_app(url: str, **overrides):
         "SERVER_NAME": None,
     }
     config.update(overrides)
-    return create_app(config)
+    application = create_app(config)
+    application.test_client_class = IsolatedClient
+    return application
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def csrf_from(html: str | bytes) -> str:
 
 def make_user(email: str = "user@example.com", role: str = "user", password: str = PASSWORD):
     user = accounts.create_user(email, password, role)
-    db.session.expunge_all()
+    db.session.refresh(user)  # loaded now, so attributes stay readable after later commits
     return user
 
 

@@ -1,0 +1,70 @@
+"""The migrated schema: it matches the models, and ledger/audit rows are append-only in the DB."""
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DatabaseError
+
+from console import ledger
+from console.extensions import db
+from tests.conftest import make_app, need_postgres, reset_postgres
+from tests.support.server import flask_cli
+from tests.support.web import make_user
+
+
+@pytest.fixture
+def migrated_app(db_url):
+    """An app on a database built by `flask db upgrade`, as production builds it."""
+    flask_cli(db_url, "db", "upgrade")
+    application = make_app(db_url)
+    yield application
+    with application.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_migrations_match_models(migrated_app):
+    """After `flask db upgrade` there is no difference between the database and the models."""
+    with migrated_app.app_context():
+        with db.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
+    assert diff == []
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE ledger_entries SET amount_micros = amount_micros + 1",
+    "DELETE FROM ledger_entries",
+    "UPDATE audit_log SET action = 'x'",
+    "DELETE FROM audit_log",
+])
+def test_append_only_enforced_by_database(migrated_app, statement):
+    """Updating or deleting ledger and audit rows fails inside the database itself."""
+    with migrated_app.app_context():
+        user = make_user()
+        ledger.credit(user.id, 5_000_000, kind="admin_adjust", reason="test")
+        with pytest.raises(DatabaseError, match="append-only"):
+            db.session.execute(text(statement))
+        db.session.rollback()
+        assert ledger.verify() == []
+
+
+def test_create_all_schema_is_append_only_too(ctx):
+    """The create_all path used by most tests installs the same triggers."""
+    user = make_user()
+    ledger.credit(user.id, 1_000_000, kind="admin_adjust", reason="test")
+    with pytest.raises(DatabaseError, match="append-only"):
+        db.session.execute(text("UPDATE ledger_entries SET kind = 'refund'"))
+    db.session.rollback()
+
+
+def test_postgres_truncate_is_refused():
+    """On PostgreSQL, TRUNCATE (which skips row triggers) is refused as well."""
+    db_url = need_postgres()
+    reset_postgres(db_url)
+    flask_cli(db_url, "db", "upgrade")
+    engine = create_engine(db_url)
+    with engine.connect() as conn, pytest.raises(DatabaseError, match="append-only"):
+        conn.execute(text("TRUNCATE ledger_entries"))
+    engine.dispose()
