@@ -28,9 +28,14 @@ seed: migrate
 	$(VENV)/bin/flask --app app seed --demo
 
 ## make run: the console with demo data on http://127.0.0.1:$(PORT) (SQLite, no other service)
-run: seed
-	@echo "Console: http://127.0.0.1:$(PORT)"
-	PORT=$(PORT) $(VENV)/bin/gunicorn -c python:console.gunicorn_conf app:app
+## It also serves a fake LLM upstream on 127.0.0.1:$(FAKE_UPSTREAM_PORT); the demo seed adds channels to it.
+FAKE_UPSTREAM_PORT ?= 8099
+run: migrate
+	ALLOW_PRIVATE_UPSTREAMS=1 DEMO_UPSTREAM_URL=http://127.0.0.1:$(FAKE_UPSTREAM_PORT) $(VENV)/bin/flask --app app seed --demo
+	@echo "Console: http://127.0.0.1:$(PORT)   relay: http://127.0.0.1:$(PORT)/v1 (fake upstream on :$(FAKE_UPSTREAM_PORT))"
+	@$(PY) -m bench.fake_upstream --host 127.0.0.1 --port $(FAKE_UPSTREAM_PORT) --chunks 8 --delay-ms 40 >/dev/null & \
+	FAKE=$$!; trap 'kill $$FAKE' EXIT INT TERM; \
+	ALLOW_PRIVATE_UPSTREAMS=1 PORT=$(PORT) $(VENV)/bin/gunicorn -c python:console.gunicorn_conf app:app
 
 ## make test: the whole suite (PostgreSQL and browser tests run when configured)
 test: install-test

@@ -25,3 +25,31 @@ accesslog = os.environ.get("ACCESS_LOG", "-")
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+# Every worker settles relay calls left pending past their deadline (a worker that died
+# mid-call), once at start and then every RECONCILE_EVERY_S seconds, jittered so workers spread out.
+RECONCILE_EVERY_S = float(os.environ.get("RECONCILE_EVERY_S", "60"))
+
+
+def post_worker_init(worker):
+    import random
+
+    import gevent
+
+    app = worker.wsgi  # the Flask app, loaded before this hook runs
+
+    def loop():
+        from console.relay.metering import reconcile
+
+        gevent.sleep(random.uniform(0, min(5.0, RECONCILE_EVERY_S)))
+        while True:
+            try:
+                with app.app_context():
+                    while reconcile():
+                        pass
+            except Exception:  # a database hiccup must not kill the loop
+                worker.log.exception("periodic reconcile failed")
+            gevent.sleep(RECONCILE_EVERY_S * random.uniform(0.8, 1.2))
+
+    if worker_class == "gevent":
+        gevent.spawn(loop)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import String, cast, func, insert, select, update
 
 from console.database import write_tx
 from console.extensions import db
-from console.models import LedgerEntry, Wallet, utcnow
+from console.models import LedgerEntry, Voucher, Wallet, utcnow
 
 
 class LedgerError(Exception):
@@ -168,23 +168,67 @@ def wallet_of(user_id: int) -> Wallet | None:
     return db.session.scalar(select(Wallet).where(Wallet.user_id == user_id))
 
 
+HISTORY_PAGE = 25
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    entry: LedgerEntry
+    voucher_last4: str | None  # for voucher credits: the code's last 4 characters
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    rows: list[HistoryRow]
+    next_before: int | None  # pass as `before` for the next (older) page; None at the end
+
+
+def history(user_id: int, *, before: int | None = None, limit: int = HISTORY_PAGE) -> HistoryPage:
+    """One user's ledger, newest first, keyset-paginated on the entry id (no OFFSET scans)."""
+    wallet_id = select(Wallet.id).where(Wallet.user_id == user_id).scalar_subquery()
+    stmt = (
+        select(LedgerEntry, Voucher.last4)
+        .outerjoin(Voucher, (LedgerEntry.ref_type == "voucher")
+                   & (LedgerEntry.ref_id == cast(Voucher.id, String)))
+        # wallet_id uses ix_ledger_wallet_id_desc; user_id keeps the query owner-scoped.
+        .where(LedgerEntry.wallet_id == wallet_id, LedgerEntry.user_id == user_id)
+    )
+    if before is not None:
+        stmt = stmt.where(LedgerEntry.id < before)
+    rows = db.session.execute(stmt.order_by(LedgerEntry.id.desc()).limit(limit + 1)).all()
+    more = len(rows) > limit
+    page = [HistoryRow(e, last4) for e, last4 in rows[:limit]]
+    return HistoryPage(page, page[-1].entry.id if more else None)
+
+
 @dataclass(frozen=True)
 class Mismatch:
     user_id: int
     balance_micros: int
     ledger_sum_micros: int
+    last_balance_after: int | None = None
 
 
 def verify() -> list[Mismatch]:
-    """Every wallet whose balance differs from the sum of its ledger entries."""
+    """Every wallet whose balance differs from the sum of its ledger entries, or from the
+    balance_after of its newest entry (an entry written out of order or a lost update)."""
     sums = (
-        select(LedgerEntry.wallet_id, func.coalesce(func.sum(LedgerEntry.amount_micros), 0).label("s"))
+        select(LedgerEntry.wallet_id, func.sum(LedgerEntry.amount_micros).label("s"),
+               func.max(LedgerEntry.id).label("last_id"))
         .group_by(LedgerEntry.wallet_id)
         .subquery()
     )
+    last = LedgerEntry.__table__.alias("last_entry")
     rows = db.session.execute(
-        select(Wallet.user_id, Wallet.balance_micros, func.coalesce(sums.c.s, 0))
+        select(Wallet.user_id, Wallet.balance_micros, func.coalesce(sums.c.s, 0),
+               last.c.balance_after_micros)
         .outerjoin(sums, sums.c.wallet_id == Wallet.id)
+        .outerjoin(last, last.c.id == sums.c.last_id)
         .order_by(Wallet.user_id)
     ).all()
-    return [Mismatch(u, b, int(s)) for u, b, s in rows if b != int(s)]
+    return [Mismatch(u, b, int(s), a) for u, b, s, a in rows
+            if b != int(s) or (a is not None and a != b)]
+
+
+def wallet_count() -> int:
+    return db.session.scalar(select(func.count()).select_from(Wallet)) or 0

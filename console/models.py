@@ -5,12 +5,13 @@ append-only, enforced by database triggers created with the tables (and by the m
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     DDL,
     ForeignKey,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -333,7 +335,44 @@ class UsageRecord(db.Model):
         Index("ix_usage_user_id_desc", "user_id", "id"),
         Index("ix_usage_pending", "status", "deadline_at"),
         Index("ix_usage_user_group_status", "user_id", "group_id", "status"),
+        # Usage pages: keyset by (created_at, id) newest first, per user, optionally narrowed
+        # by one filter column; a time range is a range on created_at in the same index.
+        Index("ix_usage_user_time", "user_id", "created_at", "id"),
+        Index("ix_usage_user_key_time", "user_id", "key_id", "created_at", "id"),
+        Index("ix_usage_user_model_time", "user_id", "model", "created_at", "id"),
+        Index("ix_usage_user_group_time", "user_id", "group_id", "created_at", "id"),
+        Index("ix_usage_user_status_time", "user_id", "status", "created_at", "id"),
+        Index("ix_usage_user_estimated_time", "user_id", "created_at", "id",
+              sqlite_where=text("usage_source = 'estimated'"),
+              postgresql_where=text("usage_source = 'estimated'")),
+        # Group cards: the last 24 h of every group, read from the index alone.
+        Index("ix_usage_recent_stats", "created_at", "group_id", "status", "latency_ms", "ttfb_ms"),
     )
+
+
+class UsageDaily(db.Model):
+    """Per user, day (UTC), key and model: settled calls, tokens and credits of closed days.
+
+    A derived rollup of usage_records, filled by console/usage.py for days that can no longer
+    change, so summaries and charts never scan a user's whole history.
+    """
+
+    __tablename__ = "usage_daily"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    key_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0 = no key
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    charge_micros: Mapped[int] = mapped_column(Money, default=0)
+
+
+class UsageRollupMark(db.Model):
+    """How far usage_daily is complete for a user: every day up to closed_through, inclusive."""
+
+    __tablename__ = "usage_rollup_marks"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    closed_through: Mapped[date] = mapped_column(Date)
 
 
 class AuditLog(db.Model):

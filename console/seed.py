@@ -6,13 +6,14 @@ from sqlalchemy import func, select
 from console import accounts, ledger
 from console.database import write_tx
 from console.extensions import db
-from console.models import FaqEntry, Group, GroupModel, LedgerEntry, ModelPrice, User
+from console.models import ApiKey, FaqEntry, Group, GroupModel, LedgerEntry, ModelPrice, User
 from console.money import parse_multiplier, parse_usd
 from console.seed_data import FAQ, GROUPS, MODELS
 
 DEMO_ADMIN = ("admin@example.com", "admin-demo-password")
 DEMO_USER = ("demo@example.com", "demo-user-password")
 DEMO_CREDITS_MICROS = 100 * 1_000_000
+DEMO_KEY_NAME = "demo"
 
 
 def _usd(v: str | None) -> int | None:
@@ -67,4 +68,36 @@ def seed_demo() -> list[tuple[str, str, str]]:
     has_entries = db.session.scalar(select(func.count()).select_from(LedgerEntry).where(LedgerEntry.user_id == user.id))
     if not has_entries:
         ledger.adjust(user.id, DEMO_CREDITS_MICROS, actor_id=admin.id, reason="demo seed balance")
-    return [("admin", *DEMO_ADMIN), ("user", *DEMO_USER)]
+    _demo_channels()
+    return [("admin", *DEMO_ADMIN), ("user", *DEMO_USER), ("key", DEMO_USER[0], _demo_key(user.id))]
+
+
+def _demo_channels() -> None:
+    """With DEMO_UPSTREAM_URL (set by `make run`): channels to the built-in fake upstream, once."""
+    import os
+
+    from console import channels
+    from console.models import Channel
+
+    base = os.environ.get("DEMO_UPSTREAM_URL")
+    if not base or db.session.scalar(select(Channel.id).where(Channel.name == "demo-openai")):
+        return
+    models = list(db.session.execute(select(ModelPrice.name, ModelPrice.provider, ModelPrice.kind)))
+    openai_models = ",".join(f"{n}={'fake-embedding-model' if k == 'embedding' else 'fake-model'}"
+                             for n, p, k in models if p == "openai")
+    anthropic_models = ",".join(f"{n}=fake-model" for n, p, _k in models if p == "anthropic")
+    channels.create_channel(name="demo-openai", type="openai", base_url=f"{base}/v1",
+                            api_key="demo-upstream-key", models=openai_models)
+    channels.create_channel(name="demo-anthropic", type="anthropic", base_url=base,
+                            api_key="demo-upstream-key", models=anthropic_models)
+
+
+def _demo_key(user_id: int) -> str:
+    """The demo user's key: created once, then rolled on every run (secrets are not stored)."""
+    from console import keys
+
+    existing = db.session.scalar(select(ApiKey.id).where(
+        ApiKey.user_id == user_id, ApiKey.name == DEMO_KEY_NAME, ApiKey.deleted_at.is_(None)))
+    if existing is not None:
+        return keys.roll(user_id, existing)[1]
+    return keys.create_key(user_id, DEMO_KEY_NAME)[1]

@@ -1,4 +1,4 @@
-"""Errors in each API's own JSON shape (OpenAI or Anthropic)."""
+"""Errors in each API's own JSON shape (OpenAI or Anthropic), and the relay's domain error."""
 from __future__ import annotations
 
 from flask import jsonify, request
@@ -12,18 +12,41 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     504: "api_error"}
 
 
+class RelayError(Exception):
+    """A refusal with its HTTP status; the message is shown to the API client as is.
+
+    Services raise it; the relay views turn it into the API's error shape. It never carries
+    a key or an upstream URL.
+    """
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 headers: dict | None = None, extra: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
 def is_anthropic_request() -> bool:
     return request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
 
 
-def error_response(status: int, message: str, *, code: str | None = None, headers: dict | None = None):
+def error_response(status: int, message: str, *, code: str | None = None, headers: dict | None = None,
+                   extra: dict | None = None):
     if is_anthropic_request():
-        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"),
+                                           "message": message, **(extra or {})}}
     else:
         body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
-                          "param": None, "code": code}}
+                          "param": None, "code": code, **(extra or {})}}
     resp = jsonify(body)
     resp.status_code = status
     for k, v in (headers or {}).items():
         resp.headers[k] = v
     return resp
+
+
+def from_error(exc: RelayError):
+    return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers, extra=exc.extra)

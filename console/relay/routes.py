@@ -1,8 +1,145 @@
-"""Relay routes (placeholder until the relay lands)."""
-from console.relay import bp
-from console.relay.errors import error_response
+"""Relay views (/v1): parse and authenticate, call the proxy service, shape the response.
+
+Every relay response carries `x-request-id`; for billed calls it is the usage record's id.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from flask import Response, current_app, g, jsonify, request
+
+from console.relay import bp, proxy
+from console.relay.auth import authenticate, group_models, presented_secret, resolve_model
+from console.relay.errors import RelayError, from_error
+from console.relay.metering import new_request_id
+from console.relay.protocols import CHAT, COUNT_TOKENS, EMBEDDINGS, MESSAGES, RESPONSES, Surface
+from console.relay.upstream import FORWARDED_HEADERS
 
 
-@bp.route("/models")
+def _request_id() -> str:
+    rid = g.get("relay_request_id")
+    if rid is None:
+        rid = g.relay_request_id = new_request_id()
+    return rid
+
+
+@bp.before_request
+def _begin():
+    request.max_content_length = current_app.config["RELAY_MAX_BODY"]
+    _request_id()
+
+
+@bp.after_app_request
+def _tag(resp: Response) -> Response:
+    if request.path == "/v1" or request.path.startswith("/v1/"):
+        resp.headers["x-request-id"] = _request_id()
+        resp.headers.setdefault("Cache-Control", "no-store")
+    return resp
+
+
+_MAX_DEPTH = 128
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Nesting beyond _MAX_DEPTH. The C JSON parser would recurse (RecursionError) on a body of
+    100,000 '['; a body with few brackets cannot be deep, so the scan only runs on bracket-heavy ones."""
+    if raw.count(b"[") + raw.count(b"{") <= _MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _TOKENS.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return True
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_body() -> dict:
+    if request.mimetype != "application/json":
+        raise RelayError(415, "Send the body as application/json.", code="unsupported_media_type")
+    raw = request.get_data(cache=False)  # over RELAY_MAX_BODY: 413 from werkzeug
+    if _too_deep(raw):
+        raise RelayError(400, "The body is nested too deeply.", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise RelayError(400, "The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RelayError(400, "The body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not 0 < len(model) <= 100:
+        raise RelayError(400, "'model' must be a model name.", code="invalid_model")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise RelayError(400, "'stream' must be true or false.", code="invalid_value")
+    return body
+
+
+def _client_headers() -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+
+
+def _caller():
+    return authenticate(presented_secret(request.headers), request.remote_addr)
+
+
+def _relay(surface: Surface):
+    try:
+        caller = _caller()
+        body = _json_body()
+        call = proxy.Call(surface, body, caller, resolve_model(caller, body["model"]),
+                          _client_headers(), request.remote_addr, _request_id())
+        reply = proxy.count_tokens(call) if surface is COUNT_TOKENS else proxy.relay_call(call)
+    except RelayError as exc:
+        return from_error(exc)
+    return Response(reply.body, status=reply.status, headers=reply.headers)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    return _relay(CHAT)
+
+
+@bp.post("/responses")
+def responses():
+    return _relay(RESPONSES)
+
+
+@bp.post("/messages")
+def messages():
+    return _relay(MESSAGES)
+
+
+@bp.post("/messages/count_tokens")
+def count_tokens():
+    return _relay(COUNT_TOKENS)
+
+
+@bp.post("/embeddings")
+def embeddings():
+    return _relay(EMBEDDINGS)
+
+
+@bp.get("/models")
 def models():
-    return error_response(501, "The relay is not enabled yet.")
+    try:
+        caller = _caller()
+    except RelayError as exc:
+        return from_error(exc)
+    listed = group_models(caller)
+    if "anthropic-version" in request.headers:
+        data = [{"type": "model", "id": m.name, "display_name": m.name,
+                 "created_at": "2025-01-01T00:00:00Z"} for m in listed]
+        return jsonify({"data": data, "has_more": False,
+                        "first_id": data[0]["id"] if data else None,
+                        "last_id": data[-1]["id"] if data else None})
+    return jsonify({"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": 1735689600, "owned_by": m.provider} for m in listed]})

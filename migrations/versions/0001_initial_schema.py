@@ -151,6 +151,23 @@ def upgrade():
     sa.ForeignKeyConstraint(['actor_id'], ['users.id'], name=op.f('fk_audit_log_actor_id_users')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_log'))
     )
+    op.create_table('usage_daily',
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('key_id', sa.Integer(), nullable=False),
+    sa.Column('model', sa.String(length=100), nullable=False),
+    sa.Column('calls', sa.BigInteger(), nullable=False),
+    sa.Column('tokens', sa.BigInteger(), nullable=False),
+    sa.Column('charge_micros', sa.BigInteger(), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_usage_daily_user_id_users')),
+    sa.PrimaryKeyConstraint('user_id', 'day', 'key_id', 'model', name=op.f('pk_usage_daily'))
+    )
+    op.create_table('usage_rollup_marks',
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('closed_through', sa.Date(), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_usage_rollup_marks_user_id_users')),
+    sa.PrimaryKeyConstraint('user_id', name=op.f('pk_usage_rollup_marks'))
+    )
     op.create_table('voucher_batches',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('note', sa.String(length=200), nullable=False),
@@ -246,8 +263,15 @@ def upgrade():
     )
     with op.batch_alter_table('usage_records', schema=None) as batch_op:
         batch_op.create_index('ix_usage_pending', ['status', 'deadline_at'], unique=False)
+        batch_op.create_index('ix_usage_recent_stats', ['created_at', 'group_id', 'status', 'latency_ms', 'ttfb_ms'], unique=False)
+        batch_op.create_index('ix_usage_user_estimated_time', ['user_id', 'created_at', 'id'], unique=False, sqlite_where=sa.text("usage_source = 'estimated'"), postgresql_where=sa.text("usage_source = 'estimated'"))
         batch_op.create_index('ix_usage_user_group_status', ['user_id', 'group_id', 'status'], unique=False)
+        batch_op.create_index('ix_usage_user_group_time', ['user_id', 'group_id', 'created_at', 'id'], unique=False)
         batch_op.create_index('ix_usage_user_id_desc', ['user_id', 'id'], unique=False)
+        batch_op.create_index('ix_usage_user_key_time', ['user_id', 'key_id', 'created_at', 'id'], unique=False)
+        batch_op.create_index('ix_usage_user_model_time', ['user_id', 'model', 'created_at', 'id'], unique=False)
+        batch_op.create_index('ix_usage_user_status_time', ['user_id', 'status', 'created_at', 'id'], unique=False)
+        batch_op.create_index('ix_usage_user_time', ['user_id', 'created_at', 'id'], unique=False)
 
     op.create_table('vouchers',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -291,8 +315,15 @@ def downgrade():
 
     op.drop_table('vouchers')
     with op.batch_alter_table('usage_records', schema=None) as batch_op:
+        batch_op.drop_index('ix_usage_user_time')
+        batch_op.drop_index('ix_usage_user_status_time')
+        batch_op.drop_index('ix_usage_user_model_time')
+        batch_op.drop_index('ix_usage_user_key_time')
         batch_op.drop_index('ix_usage_user_id_desc')
+        batch_op.drop_index('ix_usage_user_group_time')
         batch_op.drop_index('ix_usage_user_group_status')
+        batch_op.drop_index('ix_usage_user_estimated_time', sqlite_where=sa.text("usage_source = 'estimated'"), postgresql_where=sa.text("usage_source = 'estimated'"))
+        batch_op.drop_index('ix_usage_recent_stats')
         batch_op.drop_index('ix_usage_pending')
 
     op.drop_table('usage_records')
@@ -302,6 +333,8 @@ def downgrade():
     op.drop_table('ledger_entries')
     op.drop_table('wallets')
     op.drop_table('voucher_batches')
+    op.drop_table('usage_rollup_marks')
+    op.drop_table('usage_daily')
     op.drop_table('audit_log')
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_api_keys_user_id'))

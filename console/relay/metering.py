@@ -1,0 +1,325 @@
+"""Billing of relay calls: estimate → admit (reserve) → settle, the reconciler, rate limits.
+
+Billing policy (the FAQ explains it to users; tests check it row by row):
+
+| what happened                                   | charged                                     | status / source      |
+|-------------------------------------------------|---------------------------------------------|----------------------|
+| upstream succeeded and reported usage           | exactly that usage                          | ok / upstream        |
+| upstream failed before any output reached the   | nothing (the record is kept)                | failed / upstream    |
+|   client, after retries (incl. 4xx, deadline)   |                                             |                      |
+| client disconnected mid-stream                  | input (exact if the upstream already        | partial / estimated  |
+|                                                 |   reported it, else estimated) + output     |                      |
+|                                                 |   delivered so far (estimated)              |                      |
+| upstream broke mid-stream (reset, deadline)     | same as a client disconnect                 | partial / estimated  |
+| stream or reply ended without usage             | estimated from the request and the text     | ok / estimated       |
+|                                                 |   delivered                                 |                      |
+| worker crashed mid-call                         | reconciler, after the deadline: estimated   | partial / estimated  |
+|                                                 |   input + output checkpointed so far        |                      |
+
+Estimates: output tokens = max(deltas delivered, ⌈characters delivered / 4⌉); input tokens =
+⌈characters of the request's text / 4⌉ + 1,000 per image or file part.
+
+The hold (admission reserve) is an upper bound of the call's charge, priced with
+pricing.max_charge(): input ≤ UTF-8 bytes of every string in the request (a token is at
+least one byte) + 4 per JSON object + 64, + 8,000 per image and the whole context window per
+document part, capped at the model's context window; output = the request's max_tokens /
+max_completion_tokens / max_output_tokens (× n) capped at the model's max_output_tokens,
+or that cap when the request sets none. Every input token is priced at the dearest input
+class. The settle charges the actual usage even if it exceeds the hold (the upstream already
+served it), so the overdraft bound is zero as long as the model's max_output_tokens is the
+upstream's real cap; otherwise it is at most (actual − hold) per call.
+
+Admission is ONE write transaction: hold (conditional UPDATE; 402 when available < hold),
+then — with the wallet row locked (PostgreSQL) or the write lock held (SQLite) — count the
+pending records of the user in the group against the group's concurrency limit (429), check
+the key's spend limit (spent + open holds + this hold), and insert the pending record. Settle
+is a conditional `UPDATE … WHERE status='pending'` plus ledger.settle() in one transaction,
+so a call is settled exactly once, whoever (worker or reconciler) gets there first.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from flask import current_app
+from limits import RateLimitItemPerMinute
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import func, insert, select, update
+
+from console import ledger
+from console.database import write_tx
+from console.extensions import db
+from console.models import ApiKey, UsageRecord, utcnow
+from console.pricing import Prices, Tokens, max_charge, quote
+from console.relay.auth import Caller, ModelInfo
+from console.relay.errors import RelayError
+from console.relay.protocols import estimate_output_tokens
+
+IMAGE_TYPES = frozenset({"image", "image_url", "input_image"})
+FILE_TYPES = frozenset({"document", "file", "input_file", "input_audio", "audio"})
+IMAGE_HOLD_TOKENS = 8_000
+MEDIA_ESTIMATE_TOKENS = 1_000
+MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+# ---- estimates ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the request tells us about its size, before any upstream call."""
+
+    text_bytes: int
+    text_chars: int
+    objects: int
+    images: int
+    files: int
+    requested_output: int | None
+    n: int
+
+    def input_hold_tokens(self, model: ModelInfo) -> int:
+        bound = (self.text_bytes + 4 * self.objects + 64 + IMAGE_HOLD_TOKENS * self.images
+                 + model.context_window * self.files)
+        return min(bound, model.context_window)
+
+    def output_hold_tokens(self, model: ModelInfo) -> int:
+        if model.kind == "embedding":
+            return 0
+        per_choice = model.max_output_tokens
+        if self.requested_output is not None:
+            per_choice = min(self.requested_output, model.max_output_tokens)
+        return per_choice * self.n
+
+    def input_tokens(self) -> int:
+        """Best guess of the input (billing when the upstream reported none)."""
+        return math.ceil(self.text_chars / 4) + MEDIA_ESTIMATE_TOKENS * (self.images + self.files)
+
+
+def _positive_int(body: dict, name: str, upper: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= upper:
+        raise RelayError(400, f"'{name}' must be an integer between 1 and {upper}.", code="invalid_value")
+    return v
+
+
+def estimate(body: dict) -> Estimate:
+    """Walk the body without recursion (a deeply nested body cannot blow the stack)."""
+    text_bytes = text_chars = objects = images = files = 0
+    stack: list = [body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            text_chars += len(node)
+            text_bytes += len(node.encode("utf-8", "surrogatepass"))
+        elif isinstance(node, dict):
+            objects += 1
+            kind = node.get("type")
+            if kind in IMAGE_TYPES:
+                images += 1
+                continue
+            if kind in FILE_TYPES:
+                files += 1
+                continue
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    requested = None
+    for name in MAX_OUTPUT_FIELDS:
+        v = _positive_int(body, name, 10_000_000)
+        if v is not None:
+            requested = v if requested is None else max(requested, v)
+    n = _positive_int(body, "n", 128) or 1
+    return Estimate(text_bytes, text_chars, objects, images, files, requested, n)
+
+
+# ---- rate limits --------------------------------------------------------------------------
+
+def _limiter() -> MovingWindowRateLimiter:
+    app = current_app._get_current_object()
+    lim = app.extensions.get("relay_limiter")
+    if lim is None:
+        lim = app.extensions["relay_limiter"] = MovingWindowRateLimiter(
+            storage_from_string(app.config["RATELIMIT_STORAGE_URI"]))
+    return lim
+
+
+def check_rate(caller: Caller) -> None:
+    """The group's requests per minute, per user, in a moving window shared by all workers."""
+    if caller.group.rpm_limit <= 0:
+        return
+    item = RateLimitItemPerMinute(caller.group.rpm_limit)
+    prefix = current_app.config.get("RATELIMIT_KEY_PREFIX", "relay")
+    ids = (prefix, "relay-rpm", str(caller.user_id), str(caller.group.id))
+    lim = _limiter()
+    if not lim.hit(item, *ids):
+        reset = lim.get_window_stats(item, *ids).reset_time
+        retry = max(1, math.ceil(reset - time.time()))
+        raise RelayError(429, f"Rate limit of {caller.group.rpm_limit} requests per minute reached.",
+                         code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+
+
+# ---- admission ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Admission:
+    """A pending call: everything settle() needs, so no ORM object outlives the transaction."""
+
+    record_id: int
+    request_id: str
+    user_id: int
+    key_id: int | None
+    hold_micros: int
+    prices: Prices
+    multiplier_ppm: int
+    est_input_tokens: int
+    started: float = field(default_factory=time.monotonic)
+
+
+def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, stream: bool,
+          est: Estimate, client_ip: str | None) -> Admission:
+    prices = model.prices
+    mult = caller.group.multiplier_ppm
+    hold = max_charge(prices, mult, est.input_hold_tokens(model), est.output_hold_tokens(model))
+    cfg = current_app.config
+    now = utcnow()
+    deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])
+    with write_tx():
+        if hold:
+            try:
+                ledger.hold(caller.user_id, hold)
+            except ledger.InsufficientFunds as exc:
+                raise InsufficientBalance(exc.available_micros or 0, hold) from None
+        # The wallet row is now locked (PostgreSQL) / the write lock held (SQLite): counts below
+        # cannot race another admission of this user.
+        in_flight = db.session.scalar(
+            select(func.count()).select_from(UsageRecord).where(
+                UsageRecord.user_id == caller.user_id, UsageRecord.group_id == caller.group.id,
+                UsageRecord.status == "pending"))
+        if in_flight >= caller.group.concurrency_limit:
+            raise RelayError(429, f"Concurrency limit of {caller.group.concurrency_limit} calls in "
+                                  "flight reached for your group.", code="concurrency_limit_exceeded",
+                             headers={"Retry-After": "1"})
+        if caller.spend_limit_micros is not None:
+            spent = db.session.scalar(select(ApiKey.spent_micros).where(ApiKey.id == caller.key_id)) or 0
+            open_holds = db.session.scalar(
+                select(func.coalesce(func.sum(UsageRecord.hold_micros), 0)).where(
+                    UsageRecord.key_id == caller.key_id, UsageRecord.status == "pending")) or 0
+            if spent + open_holds + hold > caller.spend_limit_micros:
+                raise RelayError(402, "This key's spend limit is reached.", code="key_spend_limit")
+        rid = db.session.execute(insert(UsageRecord).values(
+            request_id=request_id, user_id=caller.user_id, key_id=caller.key_id,
+            group_id=caller.group.id, model=model.name, endpoint=endpoint, stream=stream,
+            status="pending", usage_source="estimated",
+            # Until settled, input_tokens holds the best estimate (the reconciler bills it).
+            input_tokens=est.input_tokens(),
+            input_price=prices.input, output_price=prices.output,
+            cache_write_5m_price=prices.cache_write_5m, cache_write_1h_price=prices.cache_write_1h,
+            cache_read_price=prices.cache_read, per_call_price=prices.per_call,
+            multiplier_ppm=mult, hold_micros=hold, client_ip=client_ip, created_at=now,
+            deadline_at=deadline,
+        ).returning(UsageRecord.id)).scalar_one()
+    return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult,
+                     est.input_tokens())
+
+
+class InsufficientBalance(RelayError):
+    def __init__(self, available: int, needed: int):
+        from flask import has_request_context, url_for
+
+        from console.money import format_fixed
+
+        wallet = url_for("wallet.index", _external=True) if has_request_context() else "/wallet/"
+        super().__init__(
+            402, f"Insufficient balance: {format_fixed(max(available, 0))} credits available, this "
+                 f"call may cost up to {format_fixed(needed)}. Top up at {wallet}",
+            code="insufficient_balance",
+            extra={"available_credits": format_fixed(available), "required_credits": format_fixed(needed),
+                   "wallet_url": wallet})
+
+
+# ---- settle -------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    status: str                      # ok | failed | partial
+    usage_source: str = "upstream"   # upstream | estimated
+    tokens: Tokens = field(default_factory=Tokens)
+    latency_ms: int | None = None
+    ttfb_ms: int | None = None
+    attempts: int = 0
+    channel_id: int | None = None
+    upstream_request_id: str | None = None
+    error: str | None = None
+    delivered_chars: int = 0
+
+
+def settle(adm: Admission, out: Outcome) -> bool:
+    """Charge the outcome and release the hold, exactly once. False if already settled."""
+    q = quote(out.tokens, adm.prices, adm.multiplier_ppm) if out.status != "failed" else None
+    charge = q.charge_micros if q else 0
+    official = q.official_pico if q else 0
+    t = out.tokens if q else Tokens()
+    with write_tx():
+        done = db.session.execute(
+            update(UsageRecord)
+            .where(UsageRecord.id == adm.record_id, UsageRecord.status == "pending")
+            .values(status=out.status, usage_source=out.usage_source, input_tokens=t.input,
+                    output_tokens=t.output, cache_write_5m_tokens=t.cache_write_5m,
+                    cache_write_1h_tokens=t.cache_write_1h, cache_read_tokens=t.cache_read,
+                    official_cost_pico=official, charge_micros=charge, latency_ms=out.latency_ms,
+                    ttfb_ms=out.ttfb_ms, attempts=out.attempts, channel_id=out.channel_id,
+                    upstream_request_id=(out.upstream_request_id or None) and out.upstream_request_id[:100],
+                    error=(out.error or None) and out.error[:500],
+                    delivered_chars=out.delivered_chars, settled_at=utcnow())
+            .returning(UsageRecord.id)
+        ).first()
+        if done is None:
+            return False
+        ledger.settle(adm.user_id, hold_micros=adm.hold_micros, charge_micros=charge,
+                      ref_type="usage", ref_id=adm.request_id)
+        if adm.key_id is not None:
+            db.session.execute(
+                update(ApiKey).where(ApiKey.id == adm.key_id)
+                .values(spent_micros=ApiKey.spent_micros + charge, last_used_at=utcnow()))
+    return True
+
+
+def checkpoint(record_id: int, delivered_chars: int) -> None:
+    """Progress of a long stream, so a reconciler after a crash bills the output delivered."""
+    with write_tx():
+        db.session.execute(
+            update(UsageRecord)
+            .where(UsageRecord.id == record_id, UsageRecord.status == "pending")
+            .values(delivered_chars=delivered_chars))
+
+
+def reconcile(limit: int = 500) -> int:
+    """Settle pending records past their deadline (a worker died); idempotent. Returns how many."""
+    rows = db.session.execute(
+        select(UsageRecord.id, UsageRecord.request_id, UsageRecord.user_id, UsageRecord.key_id,
+               UsageRecord.hold_micros, UsageRecord.input_price, UsageRecord.output_price,
+               UsageRecord.cache_write_5m_price, UsageRecord.cache_write_1h_price,
+               UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.multiplier_ppm,
+               UsageRecord.input_tokens, UsageRecord.delivered_chars, UsageRecord.created_at)
+        .where(UsageRecord.status == "pending", UsageRecord.deadline_at < utcnow())
+        .order_by(UsageRecord.id).limit(limit)
+    ).all()
+    db.session.rollback()  # end the read before the writes below
+    settled = 0
+    for r in rows:
+        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:11]), r[11], r[12])
+        tokens = Tokens(input=r[12], output=estimate_output_tokens(r[13], 0))
+        latency = int((utcnow() - r[14]).total_seconds() * 1000)
+        out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[13],
+                      error="not settled by its worker (crash or restart); settled by the reconciler")
+        settled += settle(adm, out)
+    return settled

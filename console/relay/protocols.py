@@ -1,0 +1,255 @@
+"""The four API surfaces: where each forwards to, and how usage is read from its replies.
+
+Owns the wire details: the upstream path per surface, `stream_options.include_usage`
+injection for OpenAI chat streams (and stripping the extra usage chunk when the client did
+not ask for it), and reading usage from JSON replies and from SSE events:
+- OpenAI chat: the final chunk's `usage` (prompt_tokens includes cached_tokens);
+- Responses: `response.completed` / `.incomplete` / `.failed` → response.usage;
+- Anthropic: `message_start` usage (input side, exact from the first event) merged with
+  `message_delta` usage (cumulative output), incl. cache creation (5 min / 1 h) and cache read.
+
+The stream is split into SSE events and each event is passed on as soon as it is complete;
+no event is ever held back waiting for another.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from console.pricing import Tokens
+
+
+@dataclass(frozen=True)
+class Surface:
+    name: str           # chat | responses | messages | embeddings | count_tokens
+    channel_type: str   # openai | anthropic
+    path: str           # appended to the channel's base URL
+    billed: bool = True
+    can_stream: bool = True
+
+
+CHAT = Surface("chat", "openai", "/chat/completions")
+RESPONSES = Surface("responses", "openai", "/responses")
+MESSAGES = Surface("messages", "anthropic", "/v1/messages")
+EMBEDDINGS = Surface("embeddings", "openai", "/embeddings", can_stream=False)
+COUNT_TOKENS = Surface("count_tokens", "anthropic", "/v1/messages/count_tokens", billed=False,
+                       can_stream=False)
+
+
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def openai_tokens(u: dict) -> Tokens:
+    """Chat (prompt/completion) or Responses (input/output) usage; cached tokens are inside input."""
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        total_in, out = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
+        details = u.get("prompt_tokens_details") or {}
+    else:
+        total_in, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
+        details = u.get("input_tokens_details") or {}
+    cached = min(_int(details.get("cached_tokens")) if isinstance(details, dict) else 0, total_in)
+    return Tokens(input=total_in - cached, output=out, cache_read=cached)
+
+
+def anthropic_tokens(u: dict) -> Tokens:
+    created = _int(u.get("cache_creation_input_tokens"))
+    split = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
+    w1h = min(_int(split.get("ephemeral_1h_input_tokens")), created)
+    return Tokens(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
+                  cache_write_5m=created - w1h, cache_write_1h=w1h,
+                  cache_read=_int(u.get("cache_read_input_tokens")))
+
+
+def usage_from_json(surface: Surface, obj) -> Tokens | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return None
+    u = obj["usage"]
+    return anthropic_tokens(u) if surface.channel_type == "anthropic" else openai_tokens(u)
+
+
+def text_from_json(surface: Surface, obj) -> str:
+    """The generated text of a non-stream reply (for estimating output when usage is missing)."""
+    out: list[str] = []
+    if not isinstance(obj, dict):
+        return ""
+    if surface is CHAT:
+        for ch in obj.get("choices") or ():
+            msg = (ch or {}).get("message") or {}
+            if isinstance(msg.get("content"), str):
+                out.append(msg["content"])
+            for tc in msg.get("tool_calls") or ():
+                args = ((tc or {}).get("function") or {}).get("arguments")
+                if isinstance(args, str):
+                    out.append(args)
+    elif surface is RESPONSES:
+        for item in obj.get("output") or ():
+            item = item or {}
+            if isinstance(item.get("arguments"), str):
+                out.append(item["arguments"])
+            for part in item.get("content") or ():
+                if isinstance((part or {}).get("text"), str):
+                    out.append(part["text"])
+    elif surface is MESSAGES:
+        for block in obj.get("content") or ():
+            block = block or {}
+            if isinstance(block.get("text"), str):
+                out.append(block["text"])
+            elif "input" in block:
+                out.append(json.dumps(block["input"]))
+    return "".join(out)
+
+
+def estimate_output_tokens(chars: int, deltas: int) -> int:
+    """Output delivered → tokens: a delta is at least one token, and a token is ~4 characters."""
+    return max(deltas, math.ceil(chars / 4))
+
+
+def prepare_body(surface: Surface, body: dict, upstream_model: str) -> tuple[dict, bool]:
+    """The body sent upstream (model mapped; usage asked for) and whether to strip the usage chunk."""
+    out = dict(body)
+    out["model"] = upstream_model
+    strip = False
+    if surface is CHAT and body.get("stream") is True:
+        opts = body.get("stream_options")
+        opts = dict(opts) if isinstance(opts, dict) else {}
+        strip = opts.get("include_usage") is not True
+        opts["include_usage"] = True
+        out["stream_options"] = opts
+    return out, strip
+
+
+class StreamMeter:
+    """Splits an SSE byte stream into events, reads usage and counts delivered output."""
+
+    def __init__(self, surface: Surface, strip_usage_chunk: bool):
+        self.surface = surface
+        self.strip = strip_usage_chunk
+        self.buf = b""
+        self.usage: Tokens | None = None
+        self._anthropic: dict = {}
+        self.chars = 0
+        self.deltas = 0
+        self.errored = False  # the upstream sent an error event inside the stream
+        self._final_seen = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete events to pass on (each with its blank-line terminator)."""
+        self.buf += chunk
+        out = []
+        while True:
+            i = self.buf.find(b"\n\n")
+            j = self.buf.find(b"\r\n\r\n")
+            if i < 0 and j < 0:
+                break
+            if j >= 0 and (i < 0 or j < i):
+                end = j + 4
+            else:
+                end = i + 2
+            event, self.buf = self.buf[:end], self.buf[end:]
+            if self._inspect(event):
+                out.append(event)
+        return out
+
+    def rest(self) -> bytes:
+        """Bytes left after the stream ended (an unterminated last event), passed on as is."""
+        rest, self.buf = self.buf, b""
+        if rest:
+            self._inspect(rest)
+        return rest
+
+    @property
+    def output_tokens_estimate(self) -> int:
+        return estimate_output_tokens(self.chars, self.deltas)
+
+    def _inspect(self, event: bytes) -> bool:
+        """Read one event; False means drop it (the usage chunk the client did not ask for)."""
+        data = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
+        if not data:
+            return True
+        raw = b"\n".join(data)
+        if raw == b"[DONE]":
+            return True
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            return True  # malformed upstream data is passed on untouched, never billed
+        if not isinstance(obj, dict):
+            return True
+        if self.surface is MESSAGES:
+            self._messages(obj)
+        elif self.surface is RESPONSES:
+            self._responses(obj)
+        else:
+            return self._chat(obj)
+        return True
+
+    def _chat(self, obj: dict) -> bool:
+        for ch in obj.get("choices") or ():
+            delta = (ch or {}).get("delta") or {}
+            got = False
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                self.chars += len(delta["content"])
+                got = True
+            for tc in delta.get("tool_calls") or ():
+                args = ((tc or {}).get("function") or {}).get("arguments")
+                if isinstance(args, str) and args:
+                    self.chars += len(args)
+                    got = True
+            self.deltas += got
+        if isinstance(obj.get("usage"), dict):
+            self.usage = openai_tokens(obj["usage"])
+            if self.strip and not obj.get("choices"):
+                return False
+        if "error" in obj:
+            self.errored = True
+        return True
+
+    def _responses(self, obj: dict) -> None:
+        kind = obj.get("type") or ""
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            self.chars += len(obj["delta"])
+            self.deltas += 1
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            resp = obj.get("response") or {}
+            if isinstance(resp.get("usage"), dict):
+                self.usage = openai_tokens(resp["usage"])
+        elif kind == "error":
+            self.errored = True
+
+    def _messages(self, obj: dict) -> None:
+        kind = obj.get("type")
+        if kind == "content_block_delta":
+            d = obj.get("delta") or {}
+            for k in ("text", "partial_json", "thinking"):
+                if isinstance(d.get(k), str):
+                    self.chars += len(d[k])
+                    self.deltas += 1
+                    break
+        elif kind == "message_start":
+            u = (obj.get("message") or {}).get("usage")
+            if isinstance(u, dict):
+                self._merge(u)
+        elif kind == "message_delta":
+            if isinstance(obj.get("usage"), dict):
+                self._merge(obj["usage"])
+                self._final_seen = True
+        elif kind == "error":
+            self.errored = True
+
+    def _merge(self, u: dict) -> None:
+        self._anthropic.update({k: v for k, v in u.items() if v is not None})
+        self.usage = anthropic_tokens(self._anthropic)
+
+    @property
+    def input_reported(self) -> bool:
+        """Anthropic reports input usage in message_start, before any output."""
+        return self.usage is not None and self.surface is MESSAGES and "input_tokens" in self._anthropic
+
+    @property
+    def complete_usage(self) -> bool:
+        """Usage that covers the whole call (OpenAI's final chunk; Anthropic's message_delta)."""
+        if self.usage is None:
+            return False
+        return self._final_seen if self.surface is MESSAGES else True

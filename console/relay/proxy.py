@@ -1,0 +1,312 @@
+"""One relay call end to end: route → admit → forward → pass through → settle.
+
+The relay views parse the request and call `relay_call()` (or `count_tokens()`); this module
+never reads `flask.request`. It returns a `Reply` (status, headers, body bytes or a
+generator). No database transaction is open while the upstream is being talked to: the
+admission transaction commits and the session is closed before the first upstream byte, and
+the streaming generator settles in its own short transaction in its `finally`, which runs
+on every exit: normal end, upstream error, total deadline, or the client going away
+(gunicorn closes the response iterator, raising GeneratorExit at the paused `yield`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+from flask import current_app
+
+from console import channels
+from console.extensions import db
+from console.logging_setup import redact
+from console.pricing import Tokens
+from console.relay import metering, setting
+from console.relay.auth import Caller, ModelInfo
+from console.relay.errors import RelayError
+from console.relay.metering import Admission, Outcome
+from console.relay.protocols import (
+    MESSAGES,
+    StreamMeter,
+    Surface,
+    prepare_body,
+    text_from_json,
+    usage_from_json,
+)
+from console.relay.upstream import UpstreamFailure, open_call
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+PASSED_RESPONSE_HEADERS = ("content-type",)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes | Iterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Call:
+    surface: Surface
+    body: dict
+    caller: Caller
+    model: ModelInfo
+    client_headers: dict[str, str]
+    client_ip: str | None
+    request_id: str
+
+    @property
+    def stream(self) -> bool:
+        return self.surface.can_stream and self.body.get("stream") is True
+
+
+def _ms(since: float) -> int:
+    return int((time.monotonic() - since) * 1000)
+
+
+def _upstream_id(resp: httpx.Response) -> str | None:
+    return resp.headers.get("x-request-id") or resp.headers.get("request-id")
+
+
+def _candidates(call: Call):
+    found = channels.candidates(call.surface.channel_type, call.model.name, call.caller.group.slug)
+    if not found:
+        raise RelayError(503, "No upstream channel serves this model right now.", code="no_channel")
+    return found
+
+
+def _read_all(resp: httpx.Response, deadline: float) -> bytes:
+    parts, size = [], 0
+    for chunk in resp.iter_raw():
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise RelayError(502, "The upstream reply is too large.")
+        if time.monotonic() > deadline:
+            raise RelayError(504, "The upstream did not finish within the deadline.")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _fail(adm: Admission, started: float, error: str, attempts: int, channel_id: int | None,
+          upstream_id: str | None = None) -> None:
+    metering.settle(adm, Outcome("failed", "upstream", latency_ms=_ms(started), attempts=attempts,
+                                 channel_id=channel_id, upstream_request_id=upstream_id, error=error))
+
+
+def relay_call(call: Call) -> Reply:
+    """Admit, forward and bill one call (chat, responses, messages, embeddings)."""
+    cfg = current_app.config
+    est = metering.estimate(call.body)
+    metering.check_rate(call.caller)
+    routes = _candidates(call)
+    adm = metering.admit(call.caller, call.model, request_id=call.request_id,
+                         endpoint=call.surface.name, stream=call.stream, est=est, client_ip=call.client_ip)
+    db.session.close()  # nothing of ours stays open while the upstream works
+    started = adm.started
+    deadline = started + cfg["RELAY_TOTAL_DEADLINE_S"]
+    try:
+        opened = _open(routes, call, deadline)
+    except UpstreamFailure as exc:
+        _fail(adm, started, exc.message, exc.attempts, exc.channel_id)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        raise RelayError(exc.status, exc.message, code="upstream_error", headers=headers) from None
+    except BaseException:
+        _fail(adm, started, "relay error before the upstream answered", 0, None)
+        raise
+    resp, route = opened.response, opened.route
+    up_id = _upstream_id(resp)
+    ctype = resp.headers.get("content-type", "application/json")
+
+    if resp.status_code >= 300 or "text/event-stream" not in ctype:
+        try:
+            data = _read_all(resp, deadline)
+        except (RelayError, httpx.HTTPError) as exc:
+            status = exc.status if isinstance(exc, RelayError) else 502
+            _fail(adm, started, redact(str(exc))[:300] or type(exc).__name__, opened.attempts, route.id, up_id)
+            raise RelayError(status, "The upstream reply was cut short." if status == 502 else str(exc)) from None
+        except BaseException:
+            _fail(adm, started, "relay error while reading the reply", opened.attempts, route.id, up_id)
+            raise
+        finally:
+            resp.close()
+        if resp.status_code >= 300:
+            # A client error the upstream rejected (bad parameters…): passed on as is, not billed.
+            _fail(adm, started, f"upstream status {resp.status_code}", opened.attempts, route.id, up_id)
+            return Reply(resp.status_code, data, {"content-type": ctype})
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            _fail(adm, started, "upstream reply is not JSON", opened.attempts, route.id, up_id)
+            raise RelayError(502, "The upstream sent an unreadable reply.") from None
+        tokens = usage_from_json(call.surface, obj)
+        if tokens is not None:
+            out = Outcome("ok", "upstream", tokens)
+        else:
+            text = text_from_json(call.surface, obj)
+            out = Outcome("ok", "estimated", Tokens(
+                input=adm.est_input_tokens,
+                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0))
+        out.latency_ms = out.ttfb_ms = _ms(started)
+        out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, route.id, up_id
+        metering.settle(adm, out)
+        return Reply(200, data, {"content-type": ctype})
+
+    meter = StreamMeter(call.surface, strip_usage_chunk=opened.strip)
+    gen = _StreamBody(_stream(current_app._get_current_object(), call, adm, opened, meter, deadline, up_id))
+    return Reply(200, gen, {"content-type": ctype, "cache-control": "no-cache",
+                            "x-accel-buffering": "no"})
+
+
+@dataclass
+class _Opened:
+    route: object
+    response: httpx.Response
+    attempts: int
+    strip: bool
+
+
+def _open(routes, call: Call, deadline: float) -> _Opened:
+    # Each channel may map the public model name differently, so the body is built per route;
+    # the common case (one mapping) serializes once.
+    bodies: dict[str, tuple[bytes, bool]] = {}
+
+    def body_for(route) -> tuple[bytes, bool]:
+        name = route.models[call.model.name]
+        if name not in bodies:
+            b, strip = prepare_body(call.surface, call.body, name)
+            bodies[name] = (json.dumps(b, ensure_ascii=False, separators=(",", ":")).encode(), strip)
+        return bodies[name]
+
+    opened = open_call(routes, call.surface, body_for, call.client_headers, deadline)
+    return _Opened(opened.route, opened.response, opened.attempts, body_for(opened.route)[1])
+
+
+class _StreamBody:
+    """The response iterable. A generator closed before its first step never runs its
+    `finally`, so close() first steps into it: the settle then runs on every path."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self._started = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        self._started = True
+        return next(self._gen)
+
+    def close(self) -> None:
+        if not self._started:
+            self._started = True
+            try:
+                next(self._gen)  # to the first (empty) yield
+                self._gen.send(_NOT_STARTED)
+            except StopIteration:
+                pass
+        self._gen.close()
+
+
+_NOT_STARTED = object()
+
+
+def _error_event(call: Call, message: str) -> bytes:
+    if call.surface is MESSAGES:
+        obj = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(obj).encode() + b"\n\n"
+    obj = {"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter, deadline: float,
+            up_id: str | None) -> Iterator[bytes]:
+    resp = opened.response
+    with app.app_context():
+        checkpoint_every = setting("RELAY_CHECKPOINT_S")
+    next_checkpoint = time.monotonic() + checkpoint_every
+    ttfb = None
+    broke: str | None = None
+    client_gone = False
+    try:
+        if (yield b"") is _NOT_STARTED:  # closed before the first step: nothing reached the client
+            client_gone = True
+            return
+        try:
+            for chunk in resp.iter_raw():
+                for event in meter.feed(chunk):
+                    if ttfb is None:
+                        ttfb = _ms(adm.started)
+                    yield event
+                now = time.monotonic()
+                if now > deadline:
+                    broke = "total deadline exceeded"
+                    break
+                if now > next_checkpoint and meter.chars:
+                    next_checkpoint = now + checkpoint_every
+                    with app.app_context():
+                        metering.checkpoint(adm.record_id, meter.chars)
+            else:
+                rest = meter.rest()
+                if rest:
+                    yield rest
+        except httpx.HTTPError as exc:
+            broke = redact(f"upstream stream broke: {type(exc).__name__}")
+        if broke:
+            yield _error_event(call, "The upstream stream was interrupted.")
+    except GeneratorExit:
+        client_gone = True
+        raise
+    finally:
+        resp.close()
+        out = _stream_outcome(adm, meter, broke, client_gone)
+        out.latency_ms, out.ttfb_ms = _ms(adm.started), ttfb
+        out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, opened.route.id, up_id
+        out.delivered_chars = meter.chars
+        with app.app_context():
+            try:
+                metering.settle(adm, out)
+            except Exception:  # the reconciler will settle it; never lose the error
+                app.logger.exception("settle failed for %s", adm.request_id)
+
+
+def _stream_outcome(adm: Admission, meter: StreamMeter, broke: str | None, client_gone: bool) -> Outcome:
+    """The policy table (see metering) applied to what the stream delivered."""
+    delivered = meter.chars > 0 or meter.deltas > 0
+    if meter.complete_usage:
+        return Outcome("ok", "upstream", meter.usage)
+    if broke or client_gone or meter.errored:
+        reason = "client disconnected" if client_gone else (broke or "upstream error event")
+        if not delivered:
+            return Outcome("failed", "upstream", error=f"{reason} before any output")
+        base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
+        return Outcome("partial", "estimated", Tokens(
+            input=base.input, output=meter.output_tokens_estimate, cache_write_5m=base.cache_write_5m,
+            cache_write_1h=base.cache_write_1h, cache_read=base.cache_read), error=reason)
+    base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
+    return Outcome("ok", "estimated", Tokens(
+        input=base.input, output=meter.output_tokens_estimate, cache_write_5m=base.cache_write_5m,
+        cache_write_1h=base.cache_write_1h, cache_read=base.cache_read), error="no usage from upstream")
+
+
+def count_tokens(call: Call) -> Reply:
+    """Anthropic's free token counter: authenticated, rate limited and routed, but not billed."""
+    metering.estimate(call.body)  # the same field checks as a billed call (400 on bad values)
+    metering.check_rate(call.caller)
+    routes = _candidates(call)
+    db.session.close()
+    deadline = time.monotonic() + current_app.config["RELAY_TOTAL_DEADLINE_S"]
+    try:
+        opened = _open(routes, call, deadline)
+    except UpstreamFailure as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        raise RelayError(exc.status, exc.message, code="upstream_error", headers=headers) from None
+    resp = opened.response
+    try:
+        data = _read_all(resp, deadline)
+    except httpx.HTTPError:
+        raise RelayError(502, "The upstream reply was cut short.") from None
+    finally:
+        resp.close()
+    return Reply(resp.status_code, data, {"content-type": resp.headers.get("content-type", "application/json")})

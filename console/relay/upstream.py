@@ -1,0 +1,164 @@
+"""The HTTP side of the relay: one pooled httpx client per process, headers, retries, failover.
+
+- One `httpx.Client` per worker process, created lazily after the fork (a client inherited
+  across fork would share sockets between processes). `follow_redirects=False`: the relay
+  only ever talks to a channel's staff-configured base URL.
+- Timeouts: connect, per-chunk idle read (bounded by what is left of the call's total
+  deadline) and the total deadline itself, which the caller checks between chunks, so a
+  drip-feeding upstream cannot hold a call forever.
+- Headers: only an allowlist of the client's headers is forwarded; the channel's key is set
+  here. Client credentials, cookies, X-Forwarded-* and hop-by-hop headers never go upstream.
+- Retry / failover happen only here, i.e. before the first byte reaches the client: on
+  connect errors, resets before the response, 5xx, 429 (Retry-After honoured up to a cap) and
+  401/403 (the channel's key is bad), at most RELAY_MAX_ATTEMPTS attempts, with exponential
+  backoff and jitter when the same channel is tried again. A read timeout before the response
+  headers is not retried: the upstream may already be generating (and billing) the call.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+from flask import current_app
+
+from console import channels
+from console.channels import Route
+from console.logging_setup import redact
+from console.relay import setting
+from console.relay.protocols import Surface
+
+FORWARDED_HEADERS = ("accept", "user-agent", "anthropic-version", "anthropic-beta", "openai-beta")
+ANTHROPIC_VERSION = "2023-06-01"
+MAX_ERROR_BODY = 64 * 1024
+
+
+def client() -> httpx.Client:
+    app = current_app._get_current_object()
+    held = app.extensions.get("relay_http")
+    if held is None or held[0] != os.getpid():
+        cfg = app.config
+        c = httpx.Client(
+            timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
+                                  write=30.0, pool=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            follow_redirects=False,
+            transport=cfg.get("RELAY_TRANSPORT"),  # tests: an httpx.MockTransport
+        )
+        held = app.extensions["relay_http"] = (os.getpid(), c)
+    return held[1]
+
+
+def request_headers(route: Route, client_headers: dict[str, str]) -> dict[str, str]:
+    h = {k: v for k, v in client_headers.items() if k in FORWARDED_HEADERS}
+    h["content-type"] = "application/json"
+    # Identity encoding: usage is read from the bytes on their way through.
+    h["accept-encoding"] = "identity"
+    if route.type == "anthropic":
+        h.setdefault("anthropic-version", ANTHROPIC_VERSION)
+        h["x-api-key"] = route.secret
+    else:
+        h["authorization"] = f"Bearer {route.secret}"
+    return h
+
+
+@dataclass
+class Opened:
+    route: Route
+    response: httpx.Response
+    attempts: int
+
+
+class UpstreamFailure(Exception):
+    """Every attempt failed before a response could be passed on; safe to show (no URL, no key)."""
+
+    def __init__(self, status: int, message: str, attempts: int, channel_id: int | None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.attempts = status, message, attempts
+        self.channel_id, self.retry_after = channel_id, retry_after
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    raw = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def open_call(routes: list[Route], surface: Surface, body_for, client_headers: dict[str, str],
+              deadline: float) -> Opened:
+    """A 2xx or a client-error (4xx) response, headers read and body not yet; or UpstreamFailure.
+
+    body_for(route) → (bytes, …): each channel may map the model name differently.
+    """
+    cfg = current_app.config
+    max_attempts = int(setting("RELAY_MAX_ATTEMPTS"))
+    base = setting("RELAY_RETRY_BASE_S")
+    retry_after_cap = setting("RELAY_RETRY_AFTER_MAX_S")
+    http = client()
+    last = UpstreamFailure(502, "No upstream attempt was made.", 0, None)
+    for attempt in range(max_attempts):
+        route = routes[attempt % len(routes)]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamFailure(504, "The upstream did not answer within the deadline.", attempt,
+                                  route.id)
+        timeout = httpx.Timeout(connect=min(cfg["RELAY_CONNECT_TIMEOUT_S"], remaining),
+                                read=min(cfg["RELAY_IDLE_TIMEOUT_S"], remaining), write=30.0, pool=5.0)
+        req = http.build_request("POST", route.base_url + surface.path, content=body_for(route)[0],
+                                 headers=request_headers(route, client_headers), timeout=timeout)
+        wait = None
+        try:
+            resp = http.send(req, stream=True)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+                channels.record_failure(route.id, f"connect timeout: {type(exc).__name__}")
+                last = UpstreamFailure(502, "The upstream could not be reached.", attempt + 1, route.id)
+            else:
+                channels.record_failure(route.id, f"read timeout before response: {type(exc).__name__}")
+                raise UpstreamFailure(504, "The upstream timed out.", attempt + 1, route.id) from None
+        except httpx.TransportError as exc:
+            channels.record_failure(route.id, redact(f"{type(exc).__name__}: {exc}")[:300])
+            last = UpstreamFailure(502, "The upstream could not be reached.", attempt + 1, route.id)
+        else:
+            code = resp.status_code
+            if code < 400 or (code < 500 and code not in (401, 403, 429)):
+                channels.record_success(route)
+                return Opened(route, resp, attempt + 1)
+            try:
+                resp.read()
+            except httpx.HTTPError:
+                pass
+            finally:
+                resp.close()
+            if code == 429:
+                wait = _retry_after(resp)
+                ra = int(wait) if wait is not None else 1
+                last = UpstreamFailure(429, "The upstream is rate limited; retry later.", attempt + 1,
+                                       route.id, retry_after=max(1, ra))
+                if wait is not None and wait > retry_after_cap:
+                    wait = None if len(routes) > 1 else wait
+                    if wait is not None:
+                        raise last
+            else:
+                channels.record_failure(route.id, f"upstream status {code}")
+                last = UpstreamFailure(502, f"The upstream failed (status {code}).", attempt + 1, route.id)
+        if attempt + 1 < max_attempts:
+            next_route = routes[(attempt + 1) % len(routes)]
+            if next_route.id == route.id:
+                delay = wait if wait is not None else min(2.0, base * 2 ** attempt) * random.uniform(0.5, 1.5)
+                if time.monotonic() + delay >= deadline:
+                    break
+                time.sleep(delay)
+    raise last
+
+
+def close_client(app) -> None:
+    """Close this process's pooled client (app teardown, tests)."""
+    held = app.extensions.pop("relay_http", None)
+    if held is not None:
+        held[1].close()

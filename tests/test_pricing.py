@@ -1,0 +1,154 @@
+"""Pricing page and calculator: every price shown is the price the billing code charges."""
+from __future__ import annotations
+
+import html as html_lib
+import re
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from console import groups, ledger, money, pricing, seed
+from console.extensions import db
+from console.models import Group, ModelPrice, User
+from tests.support.web import HX, make_user
+
+CHARGE = re.compile(r'<strong id="calc-charge"[^>]*>([^<]+)</strong>')
+
+
+def _micros(shown: str) -> int:
+    """'¥1,234.500001' → 1_234_500_001 micro-credits (the inverse of the money filter)."""
+    text = html_lib.unescape(shown).strip().lstrip("-").replace(",", "")
+    value = Decimal(re.sub(r"^[^0-9]+", "", text)) * money.MICROS
+    assert value == value.to_integral_value()
+    return int(value) * (-1 if shown.strip().startswith("-") else 1)
+
+
+def _calc(client, model: str, group: str, **tokens):
+    return client.get("/pricing", query_string={"model": model, "group": group, **tokens}, headers=HX)
+
+
+@pytest.fixture
+def seeded(ctx):
+    seed.seed_reference()
+    return ctx
+
+
+def test_pricing_page_is_public_and_lists_models_by_group(seeded, client):
+    """Anonymous visitors see every enabled model with official and effective prices per visible group."""
+    resp = client.get("/pricing")
+    html = resp.data.decode()
+    assert resp.status_code == 200 and "<html" in html and 'id="calculator"' in html
+    for model in db.session.scalars(select(ModelPrice)):
+        assert f"<code>{model.name}</code>" in html
+    for group in groups.visible_groups():
+        assert group.name in html
+    assert "not served" in html  # economy does not serve claude-opus-4-1
+
+
+def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
+    """Each effective price cell equals pricing.price_per_million_credits of that class and group."""
+    html = client.get("/pricing").data.decode()
+    table_groups, rows = groups.pricing_table()
+    checked = 0
+    for row in rows:
+        chunk = html.split(f'id="price-row-{row.model.id}"')[1].split("</tr>")[0]
+        prices = pricing.Prices.of(row.model)
+        for g in table_groups:
+            cells = re.findall(rf'data-group="{g.slug}" data-price="([^"]+)">([^<]+)<', chunk)
+            if row.model.id not in {m.id for m in g.models}:
+                assert not cells
+                continue
+            for label, shown in cells:
+                cls = {"input": "input", "output": "output", "cache write 5m": "cache_write_5m",
+                       "cache write 1h": "cache_write_1h", "cache read": "cache_read"}[label]
+                expected = pricing.price_per_million_credits(getattr(prices, cls), g.multiplier_ppm)
+                assert _micros(shown) == expected, (row.model.name, g.slug, label)
+                quoted = pricing.quote(pricing.Tokens(**{cls: 1_000_000}), prices, g.multiplier_ppm)
+                assert quoted.charge_micros == expected
+                checked += 1
+    assert checked > 50
+
+
+def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
+    """The calculator is a GET form: full page without JS, its fragment for htmx, formula written out."""
+    q = {"model": "claude-sonnet-4-5", "group": "recommended", "input": "1234", "output": "567"}
+    full = client.get("/pricing", query_string=q)
+    assert full.status_code == 200 and b"<html" in full.data
+    frag = client.get("/pricing", query_string=q, headers=HX)
+    assert frag.status_code == 200 and frag.data.lstrip().startswith(b'<form id="calculator"')
+    expected = pricing.quote(pricing.Tokens(input=1234, output=567),
+                             pricing.Prices.of(db.session.scalar(select(ModelPrice).where(
+                                 ModelPrice.name == "claude-sonnet-4-5"))), 300_000)
+    assert _micros(CHARGE.search(frag.data.decode()).group(1)) == expected.charge_micros == 3_662
+    formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', frag.data.decode()).group(1))
+    assert formula == expected.formula("¥")
+    assert "1,234 × $3.00 + 567 × $15.00" in formula
+
+
+@pytest.mark.parametrize("query,field", [
+    ({"model": "nope", "group": "recommended"}, b"Pick one of the listed models"),
+    ({"model": "gpt-5", "group": "hidden-or-missing"}, b"Pick one of the listed groups"),
+    ({"model": "claude-opus-4-1", "group": "economy"}, b"does not serve"),
+    ({"model": "gpt-5", "group": "recommended", "input": "-5"}, b"whole number of tokens"),
+    ({"model": "gpt-5", "group": "recommended", "output": "1e9"}, b"whole number of tokens"),
+    ({"model": "gpt-5", "group": "recommended", "input": "\u0663"}, b"whole number of tokens"),
+    ({"model": "gpt-5", "group": "recommended", "input": "99999999999"}, b"whole number of tokens"),
+])
+def test_calculator_rejects_bad_input_with_422(seeded, client, query, field):
+    """Unknown model or group, a model the group lacks, or a non-digit token count: 422 with the form."""
+    resp = client.get("/pricing", query_string=query, headers=HX)
+    assert resp.status_code == 422 and field in resp.data
+    assert resp.data.lstrip().startswith(b'<form id="calculator"') and b'id="calc-charge"' not in resp.data
+    assert client.get("/pricing", query_string=query).status_code == 422
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    multiplier=st.decimals(min_value=Decimal("0.000001"), max_value=Decimal(20), places=6),
+    input_tokens=st.integers(0, 2_000_000),
+    output_tokens=st.integers(0, 200_000),
+    cache_read=st.integers(0, 1_000_000),
+    cache_write=st.integers(0, 500_000),
+    model_name=st.sampled_from(["claude-opus-4-1", "gpt-5", "claude-haiku-4-5", "gpt-4o-mini"]),
+)
+def test_calculator_equals_quote_and_ledger_billing(seeded, client, multiplier, input_tokens, output_tokens,
+                                                    cache_read, cache_write, model_name):
+    """For random tokens and multipliers: calculator = pricing.quote = what hold/settle takes from a wallet."""
+    if not db.session.scalar(select(User.id)):
+        make_user("billing@example.com")
+    uid = db.session.scalar(select(User.id))
+    text = format(multiplier.normalize(), "f")
+    group = db.session.scalar(select(Group).where(Group.slug == "dedicated"))
+    form = {"slug": "dedicated", "name": group.name, "description": "", "multiplier": text, "badge": "dedicated",
+            "concurrency_limit": "50", "rpm_limit": "3000", "sort_order": "1", "visible": "on"}
+    groups.save_group(group.id, form, actor_id=uid, model_ids=[str(m.id) for m in group.models])
+    ppm = money.parse_multiplier(text)
+    model = db.session.scalar(select(ModelPrice).where(ModelPrice.name == model_name))
+    tokens = pricing.Tokens(input=input_tokens, output=output_tokens, cache_read=cache_read,
+                            cache_write_5m=cache_write)
+    expected = pricing.quote(tokens, pricing.Prices.of(model), ppm)
+
+    resp = _calc(client, model_name, "dedicated", input=str(input_tokens), output=str(output_tokens),
+                 cache_read=str(cache_read), cache_write_5m=str(cache_write))
+    assert resp.status_code == 200
+    shown = _micros(CHARGE.search(resp.data.decode()).group(1))
+    assert shown == expected.charge_micros
+    # The exact rational cost, rounded half-up once, is the same number.
+    exact = (Decimal(expected.official_pico) * multiplier / Decimal(10**6)).quantize(Decimal(1), rounding="ROUND_HALF_UP")
+    assert shown == int(exact)
+
+    # Billing as the relay does it: hold the upper bound, then settle with the quoted charge.
+    bound = pricing.max_charge(pricing.Prices.of(model), ppm, input_tokens + cache_read + cache_write, output_tokens)
+    ledger.credit(uid, bound + 1, kind="admin_adjust", reason="property test top-up")
+    before = ledger.wallet_of(uid).balance_micros
+    if bound:
+        ledger.hold(uid, bound)
+    ledger.settle(uid, hold_micros=bound, charge_micros=expected.charge_micros, ref_type="test", ref_id="calc")
+    db.session.expire_all()
+    wallet = ledger.wallet_of(uid)
+    assert before - wallet.balance_micros == shown and wallet.held_micros == 0
+    assert ledger.verify() == []

@@ -1,0 +1,536 @@
+"""The relay in process (Flask test client) against the real fake upstream on 127.0.0.1:
+protocols, usage, errors, header hygiene, billing policy rows, retries, failover, reconcile."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from console import channels, ledger
+from console.database import write_tx
+from console.extensions import db
+from console.models import ApiKey, Channel, UsageRecord, utcnow
+from console.pricing import Prices, Tokens, quote
+from console.relay.metering import estimate, reconcile
+from console.relay.upstream import close_client
+from tests.conftest import make_app
+from tests.support.server import free_port
+from tests.support.upstream import (
+    add_channels,
+    assert_consistent,
+    fake_last,
+    fake_reset,
+    fake_stats,
+    fake_upstream,
+    make_account,
+    records,
+    seed_catalog,
+    wallet,
+)
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with fake_upstream(chunks=5) as base:
+        yield base
+
+
+@pytest.fixture
+def relay(db_url, upstream):
+    """(app, test client, account) with channels to the fake upstream."""
+    fake_reset(upstream)
+    app = make_app(db_url, ALLOW_PRIVATE_UPSTREAMS=True, RELAY_TOTAL_DEADLINE_S=3.0,
+                   RELAY_IDLE_TIMEOUT_S=1.5, RELAY_RETRY_BASE_S=0.01, RECONCILE_GRACE_S=0.0,
+                   RELAY_CHECKPOINT_S=0.05)
+    with app.app_context():
+        db.create_all()
+        gid = seed_catalog()
+        acct = make_account(gid)
+        add_channels(upstream)
+        db.session.remove()
+        yield app, app.test_client(), acct
+        close_client(app)
+        db.session.remove()
+        db.engine.dispose()
+
+
+def bearer(acct):
+    return {"Authorization": f"Bearer {acct.key}"}
+
+
+def scenario(upstream: str, knobs: str, **kw) -> None:
+    """Replace the channels by ones whose upstream model name carries a fake scenario."""
+    with write_tx():
+        db.session.execute(update(Channel).values(status="disabled"))
+    n = len(db.session.scalars(select(Channel)).all())
+    add_channels(upstream, openai_models=f"gpt-4o-mini=fake-model@{knobs}",
+                 anthropic_models=f"claude-haiku-4-5=fake-model@{knobs}", prefix=f"s{n}-", **kw)
+    db.session.remove()
+
+
+def sse_events(data: bytes) -> list[dict]:
+    out = []
+    for block in data.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                try:
+                    out.append(json.loads(line[6:]))
+                except ValueError:
+                    out.append({"_malformed": line})
+    return out
+
+
+def only_record() -> UsageRecord:
+    recs = records()
+    assert len(recs) == 1, [(r.request_id, r.status) for r in recs]
+    return recs[0]
+
+
+def recomputed(rec: UsageRecord) -> int:
+    return quote(Tokens.of_record(rec), Prices.of_record(rec), rec.multiplier_ppm).charge_micros
+
+
+def test_chat_non_stream_bills_upstream_usage(relay):
+    """A chat call is passed through unchanged and billed exactly the upstream's usage."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["choices"][0]["message"]["content"] == "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
+    rec = only_record()
+    assert rec.request_id == r.headers["x-request-id"]
+    assert (rec.status, rec.usage_source) == ("ok", "upstream")
+    assert rec.input_tokens + rec.cache_read_tokens == body["usage"]["prompt_tokens"]
+    assert rec.output_tokens == body["usage"]["completion_tokens"] == 5
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert wallet(acct.user_id).balance_micros == 100_000_000 - rec.charge_micros
+    assert db.session.scalar(select(ApiKey.spent_micros).where(ApiKey.id == acct.key_id)) == rec.charge_micros
+    assert_consistent(acct.user_id)
+
+
+def test_stream_injects_usage_and_strips_the_extra_chunk(relay, upstream):
+    """The relay asks upstream for usage but a client that did not ask never sees the usage chunk."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = sse_events(r.data)
+    assert all(e.get("choices") for e in events), "usage chunk leaked to a client that did not ask"
+    assert r.data.endswith(b"data: [DONE]\n\n")
+    assert fake_last(upstream)["body"]["stream_options"] == {"include_usage": True}
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.output_tokens, rec.stream) == ("ok", "upstream", 5, True)
+    assert rec.charge_micros == recomputed(rec)
+    assert_consistent(acct.user_id)
+
+
+def test_stream_keeps_usage_chunk_when_asked(relay):
+    """A client that asked for include_usage gets the usage chunk unchanged."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", headers=bearer(acct), json={
+        "model": "gpt-4o-mini", "messages": HI, "stream": True, "stream_options": {"include_usage": True}})
+    usage = [e for e in sse_events(r.data) if e.get("usage")]
+    assert len(usage) == 1 and usage[0]["choices"] == []
+    assert only_record().output_tokens == usage[0]["usage"]["completion_tokens"]
+
+
+def test_anthropic_stream_bills_cache_write_then_cache_read(relay, upstream):
+    """Messages usage incl. cache creation and cache read tokens comes from message_start/delta."""
+    _app, client, acct = relay
+    system = [{"type": "text", "text": "You are terse. " * 40, "cache_control": {"type": "ephemeral"}}]
+    req = {"model": "claude-haiku-4-5", "max_tokens": 100, "system": system, "messages": HI, "stream": True}
+    headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01", "anthropic-beta": "prompt-caching-2024-07-31"}
+    first = client.post("/v1/messages", json=req, headers=headers)
+    second = client.post("/v1/messages", json=req, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.data.endswith(b"message_stop\"}\n\n") and second.data
+    assert fake_last(upstream)["headers"]["anthropic-beta"] == "prompt-caching-2024-07-31"
+    a, b = records()
+    assert a.cache_write_5m_tokens > 0 and a.cache_read_tokens == 0
+    assert b.cache_read_tokens == a.cache_write_5m_tokens and b.cache_write_5m_tokens == 0
+    assert a.output_tokens == b.output_tokens == 5
+    assert a.charge_micros == recomputed(a) and b.charge_micros == recomputed(b) < a.charge_micros
+    assert_consistent(acct.user_id)
+
+
+def test_responses_and_embeddings_are_billed(relay):
+    """Responses (stream) and embeddings read their own usage shapes."""
+    _app, client, acct = relay
+    r = client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hello", "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and b"response.completed" in r.data
+    e = client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "hello"},
+                    headers=bearer(acct))
+    assert e.status_code == 200 and e.get_json()["data"]
+    resp_rec, emb_rec = records()
+    assert (resp_rec.endpoint, resp_rec.output_tokens, resp_rec.usage_source) == ("responses", 5, "upstream")
+    assert (emb_rec.endpoint, emb_rec.output_tokens) == ("embeddings", 0)
+    assert emb_rec.input_tokens == e.get_json()["usage"]["prompt_tokens"]
+    assert_consistent(acct.user_id)
+
+
+def test_client_credentials_never_reach_the_upstream(relay, upstream):
+    """Only the channel key and allowlisted headers go upstream; no cookie, X-Forwarded-*, scenario header."""
+    _app, client, acct = relay
+    client.set_cookie("session", "console-session-cookie")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers={
+        **bearer(acct), "X-Forwarded-For": "10.0.0.1", "x-fake-scenario": "status=500",
+        "OpenAI-Organization": "org-x", "User-Agent": "sdk/1.0"})
+    assert r.status_code == 200
+    seen = fake_last(upstream)
+    assert seen["credential"] == "sk-upstream-secret-0001" and seen["credential_header"] == "authorization"
+    for header in ("cookie", "x-forwarded-for", "x-fake-scenario", "openai-organization", "x-api-key"):
+        assert header not in seen["headers"]
+    assert acct.key not in json.dumps(seen)
+    assert seen["headers"]["user-agent"] == "sdk/1.0"
+
+
+def test_auth_and_model_errors_use_each_api_shape(relay):
+    """401 unknown/absent/disabled key, 404 unknown model, 403 model outside the group; no record."""
+    _app, client, acct = relay
+    body = {"model": "gpt-4o-mini", "messages": HI}
+    assert client.post("/v1/chat/completions", json=body).status_code == 401
+    r = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-" + "x" * 43})
+    assert r.status_code == 401 and r.get_json()["error"]["type"] == "authentication_error"
+    assert "sk-xxxx" not in r.get_data(as_text=True)
+    r = client.post("/v1/messages", json={**body, "max_tokens": 5}, headers={"x-api-key": "nope"})
+    assert r.status_code == 401 and r.get_json()["type"] == "error"
+    r = client.post("/v1/chat/completions", json={**body, "model": "no-such"}, headers=bearer(acct))
+    assert r.status_code == 404 and r.headers["x-request-id"].startswith("req_")
+    r = client.post("/v1/chat/completions", json={**body, "model": "not-in-group"}, headers=bearer(acct))
+    assert r.status_code == 403
+    with write_tx():
+        db.session.execute(update(ApiKey).values(status="disabled"))
+    assert client.post("/v1/chat/completions", json=body, headers=bearer(acct)).status_code == 401
+    assert records() == []
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    ({"data": "{}", "content_type": "text/plain"}, 415),
+    ({"data": "{not json", "content_type": "application/json"}, 400),
+    ({"data": '{"model": "gpt-4o-mini", "temperature": NaN}', "content_type": "application/json"}, 400),
+    ({"data": "[1, 2]", "content_type": "application/json"}, 400),
+    ({"data": "[" * 100000, "content_type": "application/json"}, 400),
+    ({"data": '{"model": "m", "x": ' + "[" * 129 + "]" * 129 + "}", "content_type": "application/json"}, 400),
+    ({"json": {"model": 7}}, 400),
+    ({"json": {"model": "gpt-4o-mini", "stream": "yes"}}, 400),
+    ({"json": {"model": "gpt-4o-mini", "max_tokens": -1}}, 400),
+    ({"json": {"model": "gpt-4o-mini", "max_tokens": True}}, 400),
+    ({"data": b'{"model": "' + b"a" * (17 * 1024 * 1024) + b'"}', "content_type": "application/json"}, 413),
+])
+def test_bad_input_is_a_clear_4xx_and_changes_nothing(relay, kwargs, status):
+    """Malformed, mistyped or oversize bodies get 400/413/415, never 500, and bill nothing."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", headers=bearer(acct), **kwargs)
+    assert r.status_code == status, r.data[:200]
+    assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+
+
+def test_insufficient_balance_is_402_with_the_available_balance(relay):
+    """A hold larger than the available balance is refused before any upstream call."""
+    _app, client, _acct = relay
+    poor = make_account(_acct.group_id, email="poor@example.com", credits=0)
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(poor))
+    assert r.status_code == 402
+    err = r.get_json()["error"]
+    assert err["available_credits"] == "0.00" and "/wallet/" in err["wallet_url"]
+    assert records() == []
+
+
+def test_models_lists_only_the_group_models(relay):
+    """GET /v1/models: OpenAI list shape, Anthropic shape with anthropic-version."""
+    _app, client, acct = relay
+    names = {m["id"] for m in client.get("/v1/models", headers=bearer(acct)).get_json()["data"]}
+    assert names == {"gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small"}
+    r = client.get("/v1/models", headers={"x-api-key": acct.key, "anthropic-version": "2023-06-01"})
+    assert r.get_json()["data"][0]["type"] == "model" and "has_more" in r.get_json()
+
+
+def test_count_tokens_is_forwarded_and_free(relay):
+    """count_tokens reaches the anthropic channel and writes no usage record."""
+    _app, client, acct = relay
+    r = client.post("/v1/messages/count_tokens", json={"model": "claude-haiku-4-5", "messages": HI},
+                    headers={"x-api-key": acct.key, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200 and r.get_json()["input_tokens"] > 0
+    assert records() == []
+
+
+# ---- fault matrix (each: status, attempts, amount billed, nothing left pending) ----------------
+
+def test_upstream_500_retries_then_502_and_bills_nothing(relay, upstream):
+    """status=500: three attempts, 502 to the client, 0 charged, record failed."""
+    _app, client, acct = relay
+    scenario(upstream, "status=500")
+    fake_reset(upstream)
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 502
+    assert fake_stats(upstream)["requests"] == 3
+    rec = only_record()
+    assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 3, 0)
+    assert wallet(acct.user_id).balance_micros == 100_000_000
+    assert_consistent(acct.user_id)
+
+
+def test_upstream_429_honours_retry_after_and_passes_it_on(relay, upstream):
+    """status=429 with Retry-After: 1 → retried after the wait, then 429 with Retry-After; 0 charged."""
+    app, client, acct = relay
+    app.config["RELAY_MAX_ATTEMPTS"] = 2
+    scenario(upstream, "status=429")
+    fake_reset(upstream)
+    r = client.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 10, "messages": HI},
+                    headers={"x-api-key": acct.key})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.get_json()["error"]["type"] == "rate_limit_error"
+    assert fake_stats(upstream)["requests"] == 2
+    rec = only_record()
+    assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 2, 0)
+    assert_consistent(acct.user_id)
+
+
+def test_connect_refused_fails_over_to_the_next_channel(relay, upstream):
+    """A dead high-priority channel is skipped for a healthy one; the call is billed normally."""
+    _app, client, acct = relay
+    channels.create_channel(name="dead", type="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                            api_key="sk-dead-channel-key", models="gpt-4o-mini=fake-model", priority=10)
+    db.session.remove()
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 200
+    rec = only_record()
+    dead = db.session.scalar(select(Channel).where(Channel.name == "dead"))
+    assert rec.attempts == 2 and rec.channel_id != dead.id and rec.status == "ok"
+    assert dead.fail_count == 1 and "ConnectError" in dead.last_error
+
+
+def test_connect_refused_everywhere_is_502(relay):
+    """Only dead channels: capped attempts, 502, nothing billed; the channel auto-disables at the threshold."""
+    _app, client, acct = relay
+    with write_tx():
+        db.session.execute(update(Channel).values(status="disabled"))
+    channels.create_channel(name="dead", type="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                            api_key="sk-dead-channel-key", models="gpt-4o-mini")
+    db.session.remove()
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 502
+    rec = only_record()
+    assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 3, 0)
+    client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    dead = db.session.scalar(select(Channel).where(Channel.name == "dead"))
+    assert dead.status == "auto_disabled" and dead.disabled_until > utcnow()
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 503  # no eligible channel until the re-probe time
+    assert_consistent(acct.user_id)
+
+
+def test_timeout_before_first_byte_is_504_without_retry(relay, upstream):
+    """hang_before_ms beyond the idle timeout: one attempt, 504, nothing billed."""
+    _app, client, acct = relay
+    scenario(upstream, "hang_before_ms=2500")
+    fake_reset(upstream)
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 504
+    rec = only_record()
+    assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 1, 0)
+    assert_consistent(acct.user_id)
+
+
+def test_drip_below_idle_timeout_is_cut_at_the_total_deadline(relay, upstream):
+    """An upstream dripping keepalives forever is cut at the 3 s total deadline; no output → 0 billed."""
+    _app, client, acct = relay
+    scenario(upstream, "drip_ms=200")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200
+    assert b"interrupted" in r.data
+    rec = only_record()
+    assert (rec.status, rec.charge_micros) == ("failed", 0)
+    assert 3000 <= rec.latency_ms < 5000
+    assert_consistent(acct.user_id)
+
+
+def test_drip_non_stream_is_504_at_the_total_deadline(relay, upstream):
+    """A non-stream reply that never finishes is a 504 at the deadline, not billed."""
+    _app, client, acct = relay
+    scenario(upstream, "drip_ms=200")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 504
+    assert (only_record().status, only_record().charge_micros) == ("failed", 0)
+
+
+def test_reset_mid_stream_bills_input_and_delivered_output_estimated(relay, upstream):
+    """reset_after=3: the client got 3 deltas and an error event; billed input estimate + 3 deltas."""
+    _app, client, acct = relay
+    scenario(upstream, "reset_after=3")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    contents = [e["choices"][0]["delta"].get("content") for e in sse_events(r.data) if e.get("choices")]
+    assert [c for c in contents if c] == ["chunk 0", " chunk 1", " chunk 2"]
+    assert sse_events(r.data)[-1]["error"]["code"] == "upstream_error"
+    rec = only_record()
+    assert (rec.status, rec.usage_source) == ("partial", "estimated")
+    assert rec.output_tokens == max(3, -(-len("chunk 0 chunk 1 chunk 2") // 4))
+    body = {"model": "gpt-4o-mini", "messages": HI, "stream": True}
+    assert rec.input_tokens == estimate(body).input_tokens() == 5  # ⌈17 characters / 4⌉
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert_consistent(acct.user_id)
+
+
+def test_malformed_sse_is_passed_through_and_billed_from_usage(relay, upstream):
+    """A non-JSON data line is passed on untouched; the final usage still bills the call."""
+    _app, client, acct = relay
+    scenario(upstream, "malformed_after=2")
+    r = client.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 10, "messages": HI,
+                                          "stream": True}, headers={"x-api-key": acct.key})
+    assert b"{not json at all" in r.data
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.output_tokens) == ("ok", "upstream", 5)
+
+
+def test_stream_without_usage_is_estimated(relay, upstream):
+    """no_usage=1: billed from the request estimate and the delivered text, marked estimated."""
+    _app, client, acct = relay
+    scenario(upstream, "no_usage=1")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and r.data.endswith(b"[DONE]\n\n")
+    rec = only_record()
+    assert (rec.status, rec.usage_source) == ("ok", "estimated")
+    assert rec.output_tokens == max(5, -(-len("chunk 0 chunk 1 chunk 2 chunk 3 chunk 4") // 4))
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert_consistent(acct.user_id)
+
+
+def test_upstream_client_error_is_passed_on_unbilled(relay, upstream):
+    """A 400 from the upstream reaches the client as is and costs nothing."""
+    _app, client, acct = relay
+    scenario(upstream, "status=400")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 400 and "scenario" in r.get_json()["error"]["message"]
+    assert (only_record().status, only_record().charge_micros) == ("failed", 0)
+
+
+# ---- admission, reconcile ---------------------------------------------------------------------
+
+def test_hold_is_an_upper_bound_and_released_at_settle(relay):
+    """The hold covers max_tokens at the dearest input price and disappears after settle."""
+    _app, client, acct = relay
+    r = client.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 700, "messages": HI},
+                    headers={"x-api-key": acct.key})
+    assert r.status_code == 200
+    rec = only_record()
+    assert rec.hold_micros >= rec.charge_micros
+    # 700 output tokens × $5/M + input ≤ bytes × $2/M, × 0.3
+    assert rec.hold_micros >= 700 * 5 * 3 // 10
+    assert wallet(acct.user_id).held_micros == 0
+
+
+def test_group_concurrency_limit_counts_pending_records(relay):
+    """With `limit` calls pending in the group, the next admission is a 429 with Retry-After."""
+    _app, client, acct = relay
+    from console.models import Group
+    with write_tx():
+        db.session.execute(update(Group).values(concurrency_limit=1))
+    from console.relay.auth import invalidate_catalog
+    invalidate_catalog()
+    _pending(acct, deadline_in=timedelta(minutes=5))
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert len(records()) == 1
+
+
+def test_key_spend_limit_counts_open_holds(relay):
+    """A key's spend limit refuses a call whose hold would pass it (402)."""
+    _app, client, acct = relay
+    with write_tx():
+        db.session.execute(update(ApiKey).values(spend_limit_micros=100))
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 402 and r.get_json()["error"]["code"] == "key_spend_limit"
+
+
+def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0):
+    from console.relay.auth import authenticate, resolve_model
+    from console.relay.metering import admit, checkpoint, estimate, new_request_id
+
+    caller = authenticate(acct.key, "127.0.0.1")
+    model = resolve_model(caller, "gpt-4o-mini")
+    adm = admit(caller, model, request_id=new_request_id(), endpoint="chat", stream=True,
+                est=estimate({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 400}]}),
+                client_ip=None)
+    if delivered_chars:
+        checkpoint(adm.record_id, delivered_chars)
+    with write_tx():
+        db.session.execute(update(UsageRecord).where(UsageRecord.id == adm.record_id)
+                           .values(deadline_at=utcnow() + deadline_in))
+    return adm
+
+
+def test_reconcile_settles_stale_records_once(relay):
+    """Past-deadline pending calls are billed input estimate + checkpointed output; a rerun changes nothing."""
+    _app, _client, acct = relay
+    stale = _pending(acct, deadline_in=-timedelta(seconds=1), delivered_chars=40)
+    fresh = _pending(acct, deadline_in=timedelta(minutes=5))
+    assert wallet(acct.user_id).held_micros == stale.hold_micros + fresh.hold_micros
+    assert reconcile() == 1
+    balance = wallet(acct.user_id).balance_micros
+    assert reconcile() == 0 and wallet(acct.user_id).balance_micros == balance
+    rec = db.session.get(UsageRecord, stale.record_id)
+    assert (rec.status, rec.usage_source, rec.output_tokens) == ("partial", "estimated", 10)
+    assert rec.input_tokens == stale.est_input_tokens == 104  # ⌈415 characters / 4⌉
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert wallet(acct.user_id).held_micros == fresh.hold_micros
+    assert ledger.verify() == []
+
+
+def test_channel_secret_is_encrypted_and_urls_are_checked(relay):
+    """The stored secret is ciphertext; private or plain-http URLs are refused unless allowed."""
+    app, _client, _acct = relay
+    row = db.session.scalars(select(Channel)).first()
+    assert "sk-upstream-secret-0001" not in row.secret_enc
+    assert channels.decrypt_secret(row.secret_enc) == "sk-upstream-secret-0001"
+    app.config["ALLOW_PRIVATE_UPSTREAMS"] = False
+    for url in ("http://api.example.com/v1", "https://127.0.0.1/v1", "https://10.1.2.3", "https://169.254.169.254",
+                "https://user:pw@api.example.com", "ftp://x"):
+        with pytest.raises(channels.ChannelError):
+            channels.create_channel(name="x", type="openai", base_url=url, api_key="k", models="m")
+
+
+def test_routing_prefers_priority_then_weight(relay):
+    """Higher priority first; within a tier the weights decide the order."""
+    import random
+    _app, _client, _acct = relay
+    with write_tx():
+        db.session.execute(update(Channel).values(status="disabled"))
+    for name, prio, weight in (("low", 0, 1), ("a", 5, 9), ("b", 5, 1)):
+        channels.create_channel(name=name, type="openai", base_url="http://127.0.0.1:9/v1", api_key="k",
+                                models="gpt-4o-mini", priority=prio, weight=weight)
+    rng = random.Random(1)
+    firsts = [channels.candidates("openai", "gpt-4o-mini", "test", rng)[0].name for _ in range(400)]
+    assert [c.name for c in channels.candidates("openai", "gpt-4o-mini", "test", rng)][-1] == "low"
+    assert 300 < firsts.count("a") < 395 and firsts.count("low") == 0
+
+
+def test_admin_channel_page_adds_and_disables_without_showing_the_secret(relay):
+    """Admins add a channel (PRG), the key never appears on the page, and can disable it."""
+    from tests.support.web import HX, csrf_from, login, make_user
+    _app, client, _acct = relay
+    make_user("root@example.com", role="admin")
+    login(client, "root@example.com")
+    page = client.get("/admin/channels/")
+    assert page.status_code == 200 and b"sk-upstream-secret-0001" not in page.data
+    form = {"csrf_token": csrf_from(page.data), "name": "extra", "type": "openai",
+            "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-admin-typed-secret", "models": "gpt-4o-mini",
+            "groups": "", "priority": "1", "weight": "2"}
+    assert client.post("/admin/channels/", data=form).status_code == 302
+    bad = client.post("/admin/channels/", data={**form, "name": "x2", "models": ""}, headers=HX)
+    assert bad.status_code == 422 and b'id="channel-form"' in bad.data and b"sk-admin-typed-secret" not in bad.data
+    listing = client.get("/admin/channels/")
+    assert b"extra" in listing.data and b"sk-admin-typed-secret" not in listing.data
+    ch = db.session.scalar(select(Channel).where(Channel.name == "extra"))
+    r = client.post(f"/admin/channels/{ch.id}/disable", data={"csrf_token": csrf_from(listing.data)}, headers=HX)
+    assert r.status_code == 200 and b'id="channel-list"' in r.data
+    db.session.expire_all()
+    assert db.session.get(Channel, ch.id).status == "disabled"

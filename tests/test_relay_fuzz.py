@@ -1,0 +1,71 @@
+"""Generated malformed bodies against the relay: always a 4xx, never a 5xx, never a charge."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from console.extensions import db
+from console.relay.upstream import close_client
+from tests.conftest import make_app
+from tests.support.upstream import add_channels, make_account, records, seed_catalog, wallet
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=20), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=12)
+BAD_MODEL = st.one_of(st.none(), st.integers(), st.booleans(), st.just(""), st.text(min_size=101, max_size=120),
+                      st.lists(st.text(max_size=3), max_size=2))
+BAD_FIELDS = st.one_of(
+    st.fixed_dictionaries({"model": BAD_MODEL, "messages": JSON}),
+    st.fixed_dictionaries({"model": st.just("gpt-4o-mini"), "stream": JSON.filter(lambda v: not isinstance(v, bool))}),
+    st.fixed_dictionaries({"model": st.just("gpt-4o-mini"),
+                           "max_tokens": JSON.filter(lambda v: v is not None and not (isinstance(v, int) and not isinstance(v, bool)
+                                                                    and 1 <= v <= 10_000_000))}),
+    st.fixed_dictionaries({"model": st.text(min_size=1, max_size=30).filter(
+        lambda m: m not in ("gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small", "not-in-group"))}),
+)
+BODIES = st.one_of(
+    st.binary(max_size=200).map(lambda b: (b, "application/json")),
+    JSON.filter(lambda v: not isinstance(v, dict)).map(lambda v: (json.dumps(v).encode(), "application/json")),
+    BAD_FIELDS.map(lambda v: (json.dumps(v).encode(), "application/json")),
+    BAD_FIELDS.map(lambda v: (json.dumps(v).replace("null", "NaN", 1).encode(), "application/json")),
+    st.fixed_dictionaries({"model": st.just("gpt-4o-mini")}).map(lambda v: (json.dumps(v).encode(), "text/plain")),
+)
+PATHS = st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/embeddings",
+                         "/v1/messages/count_tokens"])
+
+
+@pytest.fixture
+def fuzz_relay(db_url):
+    app = make_app(db_url, ALLOW_PRIVATE_UPSTREAMS=True)
+    with app.app_context():
+        db.create_all()
+        acct = make_account(seed_catalog())
+        add_channels("http://127.0.0.1:9")  # never reached: every body is refused before routing
+        db.session.remove()
+        yield app.test_client(), acct
+        close_client(app)
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_malformed_bodies_never_5xx_and_never_charge(fuzz_relay):
+    """1,000 generated malformed bodies on every surface: 4xx each time; no record, balance intact."""
+    client, acct = fuzz_relay
+    seen = set()
+
+    @settings(max_examples=1000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(body=BODIES, path=PATHS)
+    def check(body, path):
+        data, ctype = body
+        r = client.post(path, data=data, content_type=ctype, headers={"Authorization": f"Bearer {acct.key}"})
+        assert 400 <= r.status_code < 500, (r.status_code, data[:200], r.data[:200])
+        assert r.headers["x-request-id"].startswith("req_")
+        seen.add(r.status_code)
+
+    check()
+    assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000 and wallet(acct.user_id).held_micros == 0
+    assert {400, 415} <= seen
