@@ -153,12 +153,13 @@ def _limiter() -> MovingWindowRateLimiter:
 
 
 def check_rate(caller: Caller) -> None:
-    """The group's requests per minute, per user, in a moving window shared by all workers."""
+    """The group's requests per minute, per key, in a moving window shared by all workers
+    (and hosts, when the storage is Redis)."""
     if caller.group.rpm_limit <= 0:
         return
     item = RateLimitItemPerMinute(caller.group.rpm_limit)
     prefix = current_app.config.get("RATELIMIT_KEY_PREFIX", "relay")
-    ids = (prefix, "relay-rpm", str(caller.user_id), str(caller.group.id))
+    ids = (prefix, "relay-rpm", str(caller.key_id))
     lim = _limiter()
     if not lim.hit(item, *ids):
         reset = lim.get_window_stats(item, *ids).reset_time

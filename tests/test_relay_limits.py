@@ -1,0 +1,70 @@
+"""Per-key requests-per-minute limits of a group, in-process and across gunicorn workers."""
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from console import keys
+from console.extensions import db
+from console.relay.upstream import close_client
+from tests.conftest import make_app, need_redis
+from tests.support.server import gunicorn
+from tests.support.upstream import add_channels, fake_upstream, make_account, seed_catalog
+
+CALL = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with fake_upstream(chunks=2) as base:
+        yield base
+
+
+def _setup(db_url: str, upstream: str, rpm: int):
+    app = make_app(db_url, ALLOW_PRIVATE_UPSTREAMS=True)
+    with app.app_context():
+        db.create_all()
+        gid = seed_catalog(rpm=rpm)
+        acct = make_account(gid)
+        _key, second = keys.create_key(acct.user_id, "second key", group_id=gid)
+        add_channels(upstream)
+        db.session.remove()
+    return app, acct, second
+
+
+def test_rpm_is_counted_per_key(db_url, upstream):
+    """With rpm 2, a key's third call in a minute is 429 with Retry-After; another key still works."""
+    app, acct, second = _setup(db_url, upstream, rpm=2)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {acct.key}"}
+    assert [client.post("/v1/chat/completions", json=CALL, headers=auth).status_code
+            for _ in range(2)] == [200, 200]
+    refused = client.post("/v1/chat/completions", json=CALL, headers=auth)
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.get_json()["error"]["type"] == "rate_limit_error"
+    other = client.post("/v1/chat/completions", json=CALL, headers={"Authorization": f"Bearer {second}"})
+    assert other.status_code == 200
+    close_client(app)
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.mark.slow
+def test_rpm_is_shared_across_workers_with_redis(db_url, upstream):
+    """With REDIS_URL, the per-key limit holds across 3 gunicorn workers (new connection per call)."""
+    redis_url = need_redis()
+    app, acct, _second = _setup(db_url, upstream, rpm=3)
+    env = {"REDIS_URL": redis_url, "ALLOW_PRIVATE_UPSTREAMS": "1",
+           "RATELIMIT_KEY_PREFIX": f"test-{uuid.uuid4().hex}"}
+    with gunicorn(db_url, workers=3, env=env) as base:
+        codes = []
+        for _ in range(7):
+            with httpx.Client(base_url=base, timeout=10) as c:
+                codes.append(c.post("/v1/chat/completions", json=CALL,
+                                    headers={"Authorization": f"Bearer {acct.key}"}).status_code)
+    assert codes == [200] * 3 + [429] * 4
+    with app.app_context():
+        db.engine.dispose()
