@@ -42,6 +42,7 @@ from console.models import (
     UsageDaily,
     UsageRecord,
     UsageRollupMark,
+    User,
     Wallet,
     utcnow,
 )
@@ -610,6 +611,11 @@ class Dashboard:
     spend_7d: list[int]
     recent: list[UsageRecord]
     keys: dict[int, ApiKey]
+    default_group: Group | None = None
+
+    @property
+    def active_keys(self) -> int:
+        return sum(1 for k in self.keys.values() if k.deleted_at is None)
 
     @property
     def sparkline(self):
@@ -634,7 +640,9 @@ def dashboard(user_id: int, *, now: datetime | None = None) -> Dashboard:
                                      .limit(5)))
     wallet = db.session.scalar(select(Wallet).where(Wallet.user_id == user_id))
     keys = {k.id: k for k in db.session.scalars(select(ApiKey).where(ApiKey.user_id == user_id))}
-    return Dashboard(wallet, today_t, days, spend, recent, keys)
+    default_group = db.session.scalar(select(Group).join(User, User.default_group_id == Group.id)
+                                      .where(User.id == user_id))
+    return Dashboard(wallet, today_t, days, spend, recent, keys, default_group)
 
 
 # ---- group statistics ----------------------------------------------------------------------

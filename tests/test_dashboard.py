@@ -45,3 +45,29 @@ def test_dashboard_without_usage(ctx, client):
     login(client)
     html = client.get("/").get_data(as_text=True)
     assert "No calls yet" in html and '<polyline class="spark"' in html
+
+
+def test_dashboard_shows_keys_count_default_group_and_base_url(ctx, client):
+    """The home counts live keys (not deleted ones), names the default group and the relay base URL."""
+    from sqlalchemy import update
+
+    from console import keys
+    from console.database import write_tx
+    from console.extensions import db
+    from console.models import Group, User
+
+    user = make_user()
+    with write_tx():
+        group = Group(slug="g1", name="Cheap 0.3x", multiplier_ppm=300_000)
+        db.session.add(group)
+        db.session.flush()
+        db.session.execute(update(User).where(User.id == user.id).values(default_group_id=group.id))
+    for name in ("a", "b", "c"):
+        keys.create_key(user.id, name)
+    gone, _secret = keys.create_key(user.id, "gone")
+    keys.delete(user.id, gone.id)
+    login(client)
+    html = client.get("/").get_data(as_text=True)
+    assert re.search(r'API keys</p>\s*<p class="stat-value">3</p>', html)
+    assert "Cheap 0.3x" in html and "0.3x" in html
+    assert 'id="relay-base-url">http://localhost/v1<' in html

@@ -1,0 +1,78 @@
+"""In a real browser with htmx: redeem a voucher (badge updates in place), create a key
+that the relay then accepts — no full page reload, no CSP violation."""
+from __future__ import annotations
+
+import csv
+
+import httpx
+import pytest
+
+from tests.support.browser import browser_page
+from tests.support.server import flask_cli, gunicorn
+from tests.support.web import PASSWORD
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-console")
+    url = f"sqlite:///{tmp / 'c.db'}"
+    flask_cli(url, "db", "upgrade")
+    flask_cli(url, "seed")
+    flask_cli(url, "create-user", "shopper@example.com", "--password", PASSWORD)
+    out = tmp / "codes.csv"
+    flask_cli(url, "mint-vouchers", "--count", "1", "--value", "12.5", "--out", str(out))
+    with out.open() as fh:
+        code = next(csv.DictReader(fh))["code"]
+    with gunicorn(url, workers=1) as base:
+        yield base, code
+
+
+def _login(page, base):
+    page.goto(base + "/login")
+    page.fill("input[name=email]", "shopper@example.com")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form#login-form button[type=submit]")
+    page.wait_for_url(base + "/")
+
+
+def test_redeem_updates_badge_in_place(live):
+    """Redeeming swaps the form, updates the nav badge out of band and shows a toast, without a reload."""
+    base, code = live
+    with browser_page() as page:
+        _login(page, base)
+        page.goto(base + "/wallet/")
+        assert page.locator("#balance-badge").inner_text().strip() == "¥0.00"
+        page.evaluate("window.__marker = 1")  # survives only if the page is not reloaded
+        page.fill("#redeem-form input[name=code]", code.lower().replace("-", " "))
+        page.click("#redeem-form button[type=submit]")
+        page.wait_for_function("document.querySelector('#balance-badge').innerText.trim() === '¥12.50'")
+        page.wait_for_selector("#toasts .toast-success")
+        assert page.evaluate("window.__marker") == 1
+        # The same code again: an inline error in the re-rendered form, balance unchanged.
+        page.fill("#redeem-form input[name=code]", code)
+        page.click("#redeem-form button[type=submit]")
+        page.wait_for_selector("#redeem-error")
+        assert page.locator("#balance-badge").inner_text().strip() == "¥12.50"
+        real = [e for e in page.errors if "422" not in e]
+        assert not real, real
+
+
+def test_created_key_is_shown_once_and_works_on_the_relay(live):
+    """A key created in the browser appears once, and the relay accepts it for /v1/models."""
+    base, _code = live
+    with browser_page() as page:
+        _login(page, base)
+        page.goto(base + "/keys/")
+        page.fill("input[name=name]", "browser key")
+        page.click("text=Create key")
+        page.wait_for_selector("#new-key-secret")
+        secret = page.locator("#new-key-secret").inner_text().strip()
+        assert secret.startswith("sk-")
+        assert page.locator("#key-secret").get_attribute("hx-history") == "false"
+        page.reload()
+        assert secret not in page.content()
+        assert not page.errors, page.errors
+    resp = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {secret}"})
+    assert resp.status_code == 200 and resp.json()["data"]
