@@ -781,7 +781,16 @@ def make_app(chunks=5, delay_ms=0):
 
 
 class _Handler(pywsgi.WSGIHandler):
-    """Hands the socket to the app (for reset_after) and treats _Abort as a deliberate hang-up."""
+    """Hands the socket to the app (for reset_after) and treats _Abort as a deliberate hang-up.
+
+    TCP_NODELAY, as real providers' front ends set it: pywsgi sends a reply's headers and body
+    separately, and without it Nagle holds the body until the client's delayed ACK (40 ms per
+    call on a keep-alive connection).
+    """
+
+    def __init__(self, sock, *args, **kwargs):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, *args, **kwargs)
 
     def get_environ(self):
         environ = super().get_environ()

@@ -1,9 +1,9 @@
 """The bare forwarder: the ceiling of this stack for the relay benchmark.
 
-Flask + one pooled httpx client per process, no auth, no database, no billing: it passes
-every /v1 request to UPSTREAM_URL and streams the answer back chunk by chunk, exactly the
-transport work the relay does. Served with the relay's own gunicorn settings, so the gap
-between this and the relay is the cost of auth, admission and settlement:
+Flask + pooled httpx clients (per process, sharded like the relay's), no auth, no database,
+no billing: it passes every /v1 request to UPSTREAM_URL and streams the answer back chunk by
+chunk, exactly the transport work the relay does. Served with the relay's own gunicorn
+settings, so the gap between this and the relay is the cost of auth, admission and settlement:
 
     UPSTREAM_URL=http://127.0.0.1:9000 gunicorn -c python:console.gunicorn_conf bench.forwarder:app
 """
@@ -22,9 +22,10 @@ _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-autho
                   "trailer", "transfer-encoding", "upgrade", "host"))
 _FORWARD = ("content-type", "accept", "x-fake-scenario", "anthropic-version", "anthropic-beta")
 
-# FORWARDER_POOLS > 1 spreads calls over several httpx clients: httpcore's pool does work
-# quadratic in its size on every response close, so small pools are cheaper at high concurrency.
-POOLS = max(1, int(os.environ.get("FORWARDER_POOLS", "1")))
+# Calls go to several httpx clients in turn, as in the relay (console/relay/upstream.py):
+# httpcore's pool does work quadratic in its size on every response close, so a few small
+# pools are much cheaper than one big one at hundreds of streams.
+POOLS = max(1, int(os.environ.get("FORWARDER_POOLS", "8")))
 
 app = Flask(__name__)
 _clients: list[httpx.Client] = []

@@ -161,24 +161,12 @@ class Server:
 
 
 def _upstream_main(argv: list[str]) -> None:
-    """The fake upstream with TCP_NODELAY on every accepted socket.
-
-    gevent's pywsgi writes a response's headers and body in separate sends; without
-    TCP_NODELAY, Nagle holds the body until the client's delayed ACK (40 ms on Linux), which
-    would make every keep-alive call to the fake take 40 ms. Real providers' front ends set
-    TCP_NODELAY, as gunicorn and httpx do, so the benchmark sets it too.
-    """
+    """The fake upstream, gevent-patched as when run with `python -m bench.fake_upstream`."""
     from gevent import monkey
 
     monkey.patch_all()
     from bench import fake_upstream
 
-    class NoDelayHandler(fake_upstream._Handler):
-        def __init__(self, sock, *args, **kwargs):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            super().__init__(sock, *args, **kwargs)
-
-    fake_upstream._Handler = NoDelayHandler
     fake_upstream.main(argv)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, request
 from flask_login import current_user
 
 from console.config import INSTANCE, ROOT, Config

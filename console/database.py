@@ -6,7 +6,9 @@ transaction that writes.
 """
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -31,6 +33,7 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
         timeout = int(current_app.config.get("SQLITE_BUSY_TIMEOUT_MS", 5000))
     except RuntimeError:  # outside an app (alembic offline, scripts)
         timeout = 5000
+    _record.info["busy_timeout_ms"] = timeout
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={timeout:d}")
@@ -47,9 +50,36 @@ def _sqlite_on_begin(conn) -> None:
     # A deferred transaction that later writes fails at once with SQLITE_BUSY when another
     # writer got in first (busy_timeout is not consulted); IMMEDIATE waits for the lock.
     if conn.get_execution_options().get(_IMMEDIATE):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(conn.connection)
     else:
         conn.exec_driver_sql("BEGIN")
+
+
+def _begin_immediate(fairy) -> None:
+    """BEGIN IMMEDIATE, waiting for the write lock with time.sleep between tries.
+
+    SQLite's own busy handler sleeps inside C, which would freeze every greenlet of a gevent
+    worker for the whole wait; time.sleep is cooperative there (and an ordinary sleep
+    elsewhere). The connection's busy_timeout still guards every other statement.
+    """
+    timeout_ms = fairy.info.get("busy_timeout_ms", 5000)
+    deadline = time.monotonic() + timeout_ms / 1000
+    cur = fairy.dbapi_connection.cursor()
+    cur.execute("PRAGMA busy_timeout=0")
+    try:
+        delay = 0.0005
+        while True:
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.02)
+    finally:
+        cur.execute(f"PRAGMA busy_timeout={int(timeout_ms):d}")
+        cur.close()
 
 
 def sqlite_engine_options(uri: str) -> dict:

@@ -54,5 +54,6 @@ def post_worker_init(worker):
                 worker.log.exception("periodic reconcile failed")
             gevent.sleep(RECONCILE_EVERY_S * random.uniform(0.8, 1.2))
 
-    if worker_class == "gevent":
+    # Only the console app settles relay calls (bench tools reuse this configuration).
+    if worker_class == "gevent" and "relay" in getattr(app, "blueprints", {}):
         gevent.spawn(loop)

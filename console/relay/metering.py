@@ -282,6 +282,7 @@ def settle(adm: Admission, out: Outcome) -> bool:
                     error=(out.error or None) and out.error[:500],
                     delivered_chars=out.delivered_chars, settled_at=utcnow())
             .returning(UsageRecord.id)
+            .execution_options(synchronize_session=False)
         ).first()
         if done is None:
             return False
@@ -290,7 +291,8 @@ def settle(adm: Admission, out: Outcome) -> bool:
         if adm.key_id is not None:
             db.session.execute(
                 update(ApiKey).where(ApiKey.id == adm.key_id)
-                .values(spent_micros=ApiKey.spent_micros + charge, last_used_at=utcnow()))
+                .values(spent_micros=ApiKey.spent_micros + charge, last_used_at=utcnow())
+                .execution_options(synchronize_session=False))
     return True
 
 
@@ -300,7 +302,8 @@ def checkpoint(record_id: int, delivered_chars: int) -> None:
         db.session.execute(
             update(UsageRecord)
             .where(UsageRecord.id == record_id, UsageRecord.status == "pending")
-            .values(delivered_chars=delivered_chars))
+            .values(delivered_chars=delivered_chars)
+            .execution_options(synchronize_session=False))
 
 
 def reconcile(limit: int = 500) -> int:

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -35,20 +36,30 @@ ANTHROPIC_VERSION = "2023-06-01"
 MAX_ERROR_BODY = 64 * 1024
 
 
+# httpcore's pool scans all its connections on every response close, so one pool holding
+# hundreds of streams costs time quadratic in its size; a few pools used in turn keep each small.
+POOL_SHARDS = 8
+
+
 def client() -> httpx.Client:
+    """One of this process's pooled clients, in turn (created lazily after the fork)."""
     app = current_app._get_current_object()
     held = app.extensions.get("relay_http")
     if held is None or held[0] != os.getpid():
         cfg = app.config
-        c = httpx.Client(
-            timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
-                                  write=30.0, pool=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            follow_redirects=False,
-            transport=cfg.get("RELAY_TRANSPORT"),  # tests: an httpx.MockTransport
-        )
-        held = app.extensions["relay_http"] = (os.getpid(), c)
-    return held[1]
+        clients = [
+            httpx.Client(
+                timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
+                                      write=30.0, pool=5.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                follow_redirects=False,
+                transport=cfg.get("RELAY_TRANSPORT"),  # tests: an httpx.MockTransport
+            )
+            for _ in range(1 if cfg.get("RELAY_TRANSPORT") else POOL_SHARDS)
+        ]
+        held = app.extensions["relay_http"] = (os.getpid(), clients, itertools.count())
+    _pid, clients, turn = held
+    return clients[next(turn) % len(clients)]
 
 
 def request_headers(route: Route, client_headers: dict[str, str]) -> dict[str, str]:
@@ -161,4 +172,5 @@ def close_client(app) -> None:
     """Close this process's pooled client (app teardown, tests)."""
     held = app.extensions.pop("relay_http", None)
     if held is not None:
-        held[1].close()
+        for c in held[1]:
+            c.close()
