@@ -259,6 +259,19 @@ def _default_group_id(user_id: int) -> int | None:
 
 # ---- changes -----------------------------------------------------------------------------
 
+def _parse_limits(values: dict, errors: dict, group: Group | None, *, expires: str, spend_limit: str,
+                  model_allowlist: str, ip_allowlist: str) -> None:
+    """Parse every optional limit into `values`, collecting all messages into `errors`."""
+    for field, parse in (("expires_at", lambda: parse_expiry(expires)),
+                         ("spend_limit_micros", lambda: parse_spend_limit(spend_limit)),
+                         ("ip_allowlist", lambda: parse_ip_allowlist(ip_allowlist)),
+                         ("model_allowlist", lambda: parse_model_allowlist(model_allowlist, group))):
+        try:
+            values[field] = parse()
+        except KeyInputError as exc:
+            errors.update(exc.errors)
+
+
 def create_key(user_id: int, name: str, *, group_id: int | None = None,
                expires: str = "", spend_limit: str = "", model_allowlist: str = "",
                ip_allowlist: str = "", allow_hidden_group: bool = False) -> tuple[ApiKey, str]:
@@ -279,14 +292,8 @@ def create_key(user_id: int, name: str, *, group_id: int | None = None,
         group = _group(gid, allow_hidden=allow_hidden_group) if gid is not None else None
     except GroupNotAvailable:
         errors["group_id"] = "Pick one of the listed groups."
-    for field, parse in (("expires_at", lambda: parse_expiry(expires)),
-                         ("spend_limit_micros", lambda: parse_spend_limit(spend_limit)),
-                         ("ip_allowlist", lambda: parse_ip_allowlist(ip_allowlist)),
-                         ("model_allowlist", lambda: parse_model_allowlist(model_allowlist, group))):
-        try:
-            values[field] = parse()
-        except KeyInputError as exc:
-            errors.update(exc.errors)
+    _parse_limits(values, errors, group, expires=expires, spend_limit=spend_limit,
+                  model_allowlist=model_allowlist, ip_allowlist=ip_allowlist)
     if errors:
         raise KeyInputError(errors)
     secret = generate_secret()
@@ -338,14 +345,8 @@ def update_limits(user_id: int, key_id: int, *, expires: str = "", spend_limit: 
     key = get_key(user_id, key_id)
     errors: dict[str, str] = {}
     values: dict = {}
-    for field, parse in (("expires_at", lambda: parse_expiry(expires)),
-                         ("spend_limit_micros", lambda: parse_spend_limit(spend_limit)),
-                         ("ip_allowlist", lambda: parse_ip_allowlist(ip_allowlist)),
-                         ("model_allowlist", lambda: parse_model_allowlist(model_allowlist, key.group))):
-        try:
-            values[field] = parse()
-        except KeyInputError as exc:
-            errors.update(exc.errors)
+    _parse_limits(values, errors, key.group, expires=expires, spend_limit=spend_limit,
+                  model_allowlist=model_allowlist, ip_allowlist=ip_allowlist)
     if errors:
         raise KeyInputError(errors)
     with write_tx():

@@ -1,8 +1,5 @@
 """Tests of bench/fake_upstream.py, run as a real subprocess and driven by the official SDKs."""
 
-import select
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support.upstream import fake_upstream
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS5 = "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
 USER_HI = [{"role": "user", "content": "hi"}]
@@ -21,26 +20,8 @@ USER_HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def upstream():
     """Base URL of a fake upstream subprocess (5 chunks, no delay by default)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.fake_upstream",
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--chunks",
-        "5",
-    ]
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE) as proc:
-        try:
-            ready, _, _ = select.select([proc.stdout], [], [], 15)
-            line = proc.stdout.readline().decode() if ready else ""
-            assert line.startswith("LISTENING "), f"fake upstream did not start: {line!r}"
-            yield f"http://127.0.0.1:{int(line.split()[1])}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with fake_upstream(chunks=5) as base:
+        yield base
 
 
 @pytest.fixture
