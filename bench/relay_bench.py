@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.relay_bench --quick            # 2 s points, a smoke run
     .venv/bin/python -m bench.relay_bench --targets upstream,forwarder --write-readme
 
-It starts the fake upstream, then one server at a time (each with the relay's gunicorn
-settings, console/gunicorn_conf.py): the bare forwarder (bench/forwarder.py) on gevent
+It starts the fake upstream and every server (each with the relay's gunicorn settings,
+console/gunicorn_conf.py), then runs the points, the targets taking turns point by point so
+compared numbers are measured seconds apart: the bare forwarder (bench/forwarder.py) on gevent
 workers, the same forwarder on gthread workers (2 × 8, slow-stream points only, to check
 the serving model), and the real relay on a fresh SQLite file and a fresh PostgreSQL
 database, seeded through the project's CLI and services with a user with a large balance,
@@ -160,21 +161,10 @@ class Server:
         self.out.close()
 
 
-def _upstream_main(argv: list[str]) -> None:
-    """The fake upstream, gevent-patched as when run with `python -m bench.fake_upstream`."""
-    from gevent import monkey
-
-    monkey.patch_all()
-    from bench import fake_upstream
-
-    fake_upstream.main(argv)
-
-
 def start_upstream(workdir: Path) -> tuple[Server, str]:
     log = workdir / "upstream.log"
-    server = Server("upstream", [sys.executable, "-m", "bench.relay_bench", "_upstream", "--port", "0",
-                     *UPSTREAM_DEFAULTS],
-                    dict(os.environ), log)
+    argv = [sys.executable, "-m", "bench.fake_upstream", "--port", "0", *UPSTREAM_DEFAULTS]
+    server = Server("upstream", argv, dict(os.environ), log)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         m = re.search(r"LISTENING (\d+)", log.read_text())
@@ -568,8 +558,6 @@ def write_readme(table: str) -> None:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_upstream"]:
-        return _upstream_main(argv[1:])
     if argv[:1] == ["_seed"]:
         return _seed_main(argv[1:])
     p = argparse.ArgumentParser(description="Relay benchmark: upstream, forwarder, relay on SQLite and PostgreSQL.")

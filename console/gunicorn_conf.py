@@ -4,8 +4,8 @@ Serving model, chosen from measurements (bench/README.md): gevent workers. LLM c
 for seconds to minutes; a thread-per-request worker caps concurrent streams at its thread
 count, while a gevent worker holds thousands of idle streams. Database statements are kept
 short (one small transaction each) so they never stall the other streams of a worker.
-Measured 2026-11-28 on 2 cores, 0.6 s streams at 64 clients through a bare forwarder:
-gthread 2 workers x 8 threads 24 streams/s, gevent 2 workers 101/s (the upstream alone: 103/s).
+Measured 2026-11-28 on 2 cores, 0.6 s streams through a bare forwarder, 64 / 256 clients:
+gthread 2 workers x 8 threads 26 / 27 streams/s, gevent 2 workers 103 / 410 (upstream: 104 / 414).
 Chosen: gevent, WEB_CONCURRENCY workers (default min(4, nproc)), 4,000 connections each.
 """
 import multiprocessing

@@ -16,7 +16,7 @@ import secrets
 import unicodedata
 from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import joinedload
 
 from console import money
@@ -72,8 +72,15 @@ def looks_like_key(secret: str) -> bool:
             and all(c.isascii() and (c.isalnum() or c in "-_") for c in secret[len(PREFIX):]))
 
 
+def _usable(status: str, deleted_at, expires_at, owner_status: str) -> bool:
+    """The one rule for a key that may call the relay."""
+    return (status == "active" and deleted_at is None and owner_status == "active"
+            and (expires_at is None or expires_at > utcnow()))
+
+
 def authenticate(secret: str) -> ApiKey | None:
-    """The usable key for this secret, or None (unknown, disabled, deleted, expired, rolled).
+    """The usable key for this secret, or None (unknown, disabled, deleted, expired, rolled,
+    or its account disabled).
 
     Always a fresh database read (no cache, and populate_existing so a key object already in
     this session is reloaded), which is what makes revocation immediate across workers.
@@ -82,16 +89,33 @@ def authenticate(secret: str) -> ApiKey | None:
         return None
     key = db.session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_secret(secret))
-        .options(joinedload(ApiKey.user))  # one query: the relay needs the owner too
+        .options(joinedload(ApiKey.user))
         .execution_options(populate_existing=True)
     )
-    if key is None or key.status != "active" or key.deleted_at is not None:
-        return None
-    if key.user.status != "active":  # a disabled account's keys stop with it
-        return None
-    if key.expires_at is not None and key.expires_at <= utcnow():
+    if key is None or not _usable(key.status, key.deleted_at, key.expires_at, key.user.status):
         return None
     return key
+
+
+_K, _USERS = ApiKey.__table__, User.__table__
+_RELAY_LOOKUP = (
+    select(_K.c.id, _K.c.user_id, _K.c.group_id, _K.c.status, _K.c.deleted_at, _K.c.expires_at,
+           _K.c.spend_limit_micros, _K.c.model_allowlist, _K.c.ip_allowlist,
+           _USERS.c.status.label("owner_status"), _USERS.c.default_group_id)
+    .join(_USERS, _USERS.c.id == _K.c.user_id)
+    .where(_K.c.key_hash == bindparam("p_hash"))
+)
+
+
+def relay_lookup(secret: str):
+    """The relay's per-call form of authenticate(): the same rule, one prebuilt Core query
+    returning a row (id, user_id, group_id, …, ip_allowlist, owner_status, default_group_id)."""
+    if not looks_like_key(secret):
+        return None
+    row = db.session.connection().execute(_RELAY_LOOKUP, {"p_hash": hash_secret(secret)}).first()
+    if row is None or not _usable(row.status, row.deleted_at, row.expires_at, row.owner_status):
+        return None
+    return row
 
 
 # ---- per-key restrictions, read by the relay ---------------------------------------------
@@ -106,8 +130,9 @@ def model_allowed(key: ApiKey, model: str) -> bool:
     return not allowed or model in allowed
 
 
-def ip_allowed(key: ApiKey, ip: str | None) -> bool:
-    """An empty allowlist allows every address; an unparsable client address is refused."""
+def ip_allowed(key, ip: str | None) -> bool:
+    """An empty allowlist allows every address; an unparsable client address is refused.
+    `key` is an ApiKey or a relay_lookup() row."""
     nets = split_list(key.ip_allowlist)
     if not nets:
         return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import String, cast, func, insert, select, update
+from sqlalchemy import String, bindparam, cast, func, insert, select, update
 
 from console.database import write_tx
 from console.extensions import db
@@ -48,27 +48,44 @@ def create_wallet(user_id: int) -> None:
         db.session.execute(insert(Wallet).values(user_id=user_id, balance_micros=0, held_micros=0))
 
 
+# Hot-path statements are built once with bound parameters and run on the session's
+# connection (Core): per call there is then no statement construction, no cache-key walk over
+# literal values and no ORM bookkeeping — a relay call runs these twice.
+_W = Wallet.__table__
+_L = LedgerEntry.__table__
+
+
+def _move_statement(need_available: bool, need_held: bool):
+    stmt = (
+        update(_W)
+        .where(_W.c.user_id == bindparam("p_user"))
+        .values(balance_micros=_W.c.balance_micros + bindparam("p_balance_delta"),
+                held_micros=_W.c.held_micros + bindparam("p_held_delta"),
+                updated_at=bindparam("p_now", type_=_W.c.updated_at.type))
+        .returning(_W.c.id, _W.c.balance_micros, _W.c.held_micros)
+    )
+    if need_available:
+        stmt = stmt.where(_W.c.balance_micros - _W.c.held_micros >= bindparam("p_need_available"))
+    if need_held:
+        stmt = stmt.where(_W.c.held_micros >= bindparam("p_need_held"))
+    return stmt
+
+
+_MOVES = {(a, h): _move_statement(a, h) for a in (False, True) for h in (False, True)}
+_INSERT_ENTRY = insert(_L).returning(_L.c.id)
+
+
 def _move(user_id: int, *, balance_delta: int = 0, held_delta: int = 0,
           need_available: int | None = None, need_held: int | None = None):
     """One conditional UPDATE; returns (wallet_id, balance, held) or None when the guard failed."""
-    stmt = (
-        update(Wallet)
-        .where(Wallet.user_id == user_id)
-        .values(
-            balance_micros=Wallet.balance_micros + balance_delta,
-            held_micros=Wallet.held_micros + held_delta,
-            updated_at=utcnow(),
-        )
-        .returning(Wallet.id, Wallet.balance_micros, Wallet.held_micros)
-        # The session never holds a stale Wallet we rely on; skipping its synchronisation
-        # saves a Python evaluation of the WHERE clause over the identity map per call.
-        .execution_options(synchronize_session=False)
-    )
+    params = {"p_user": user_id, "p_balance_delta": balance_delta, "p_held_delta": held_delta,
+              "p_now": utcnow()}
     if need_available is not None:
-        stmt = stmt.where(Wallet.balance_micros - Wallet.held_micros >= need_available)
+        params["p_need_available"] = need_available
     if need_held is not None:
-        stmt = stmt.where(Wallet.held_micros >= need_held)
-    return db.session.execute(stmt).first()
+        params["p_need_held"] = need_held
+    stmt = _MOVES[(need_available is not None, need_held is not None)]
+    return db.session.connection().execute(stmt, params).first()
 
 
 def _guard_failed(user_id: int) -> LedgerError:
@@ -81,13 +98,11 @@ def _guard_failed(user_id: int) -> LedgerError:
 def _entry(wallet_id: int, user_id: int, kind: str, amount: int, balance_after: int,
            ref_type: str | None, ref_id: str | None, actor_id: int | None,
            reason: str | None) -> int:
-    return db.session.execute(
-        insert(LedgerEntry)
-        .values(wallet_id=wallet_id, user_id=user_id, kind=kind, amount_micros=amount,
-                balance_after_micros=balance_after, ref_type=ref_type, ref_id=ref_id,
-                actor_id=actor_id, reason=reason, created_at=utcnow())
-        .returning(LedgerEntry.id)
-    ).scalar_one()
+    return db.session.connection().execute(_INSERT_ENTRY, {
+        "wallet_id": wallet_id, "user_id": user_id, "kind": kind, "amount_micros": amount,
+        "balance_after_micros": balance_after, "ref_type": ref_type, "ref_id": ref_id,
+        "actor_id": actor_id, "reason": reason, "created_at": utcnow(),
+    }).scalar_one()
 
 
 def credit(user_id: int, amount: int, *, kind: str, ref_type: str | None = None,

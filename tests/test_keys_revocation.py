@@ -1,5 +1,6 @@
 """Revocation across processes: a disabled, deleted, expired or rolled key is refused by every
-worker within the same second (keys.authenticate reads the database on every call)."""
+worker within the same second (keys.authenticate and the relay's keys.relay_lookup read the
+database on every call)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -25,9 +26,11 @@ def _worker(db_url: str, conn) -> None:
     with app.app_context():
         conn.send("ready")
         while (secret := conn.recv()) is not None:
+            # The console's lookup and the relay's per-call lookup must agree on every key.
             ok = keys.authenticate(secret) is not None
+            relay_ok = keys.relay_lookup(secret) is not None
             db.session.remove()  # what the end of a request does
-            conn.send(ok)
+            conn.send(ok if ok == relay_ok else "lookups disagree")
 
 
 def _ask(workers, secret: str) -> list[bool]:
@@ -67,7 +70,11 @@ def test_revocation_reaches_every_worker_within_a_second(app, db_url):
             def roll(key_id):
                 keys.roll(uid, key_id)
 
-            for revoke in (disable, delete, expire, roll):
+            def disable_account(key_id):
+                with write_tx():
+                    db.session.get(User, uid).status = "disabled"
+
+            for revoke in (disable, delete, expire, roll, disable_account):
                 key, secret = keys.create_key(uid, revoke.__name__)
                 assert _ask(pipes, secret) == [True, True], revoke.__name__
                 # Warm the workers' identity maps and pools with the key, as a busy relay would.

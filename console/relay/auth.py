@@ -89,12 +89,12 @@ def invalidate_catalog() -> None:
 
 def authenticate(secret: str | None, remote_addr: str | None) -> Caller:
     """The caller behind a presented key, or RelayError 401/403. The key is never echoed."""
-    key = keys.authenticate(secret) if secret else None
+    key = keys.relay_lookup(secret) if secret else None
     if key is None:
         raise RelayError(401, "Invalid API key.", code="invalid_api_key")
     if not keys.ip_allowed(key, remote_addr):
         raise RelayError(403, "This key may not be used from this IP address.", code="ip_not_allowed")
-    group = _catalog()["groups"].get(key.group_id or key.user.default_group_id)
+    group = _catalog()["groups"].get(key.group_id or key.default_group_id)
     if group is None:
         raise RelayError(403, "This key has no group; choose one in the console.", code="no_group")
     return Caller(key.id, key.user_id, group, key.spend_limit_micros,

@@ -48,7 +48,7 @@ from flask import current_app
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from console import ledger
 from console.database import write_tx
@@ -168,6 +168,33 @@ def check_rate(caller: Caller) -> None:
                          code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
 
+# ---- hot-path statements ----------------------------------------------------------------------
+# Built once with bound parameters and run on the session's connection: a relay call runs each
+# of these once, so per-call statement construction and ORM bookkeeping are worth avoiding.
+_U = UsageRecord.__table__
+_K = ApiKey.__table__
+_IN_FLIGHT = select(func.count()).select_from(_U).where(
+    _U.c.user_id == bindparam("p_user"), _U.c.group_id == bindparam("p_group"), _U.c.status == "pending")
+_KEY_COMMITTED = select(
+    _K.c.spent_micros,
+    select(func.coalesce(func.sum(_U.c.hold_micros), 0))
+    .where(_U.c.key_id == bindparam("p_key"), _U.c.status == "pending").scalar_subquery(),
+).where(_K.c.id == bindparam("p_key"))
+_INSERT_PENDING = insert(_U).returning(_U.c.id)
+_SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
+                    "cache_write_1h_tokens", "cache_read_tokens", "official_cost_pico", "charge_micros",
+                    "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id", "error",
+                    "delivered_chars", "settled_at")
+_SETTLE_RECORD = (update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
+                  .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
+                  .returning(_U.c.id))
+_KEY_SPENT = (update(_K).where(_K.c.id == bindparam("p_key"))
+              .values(spent_micros=_K.c.spent_micros + bindparam("p_charge"),
+                      last_used_at=bindparam("p_now", type_=_K.c.last_used_at.type)))
+_CHECKPOINT = (update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
+               .values(delivered_chars=bindparam("delivered_chars")))
+
+
 # ---- admission ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -201,33 +228,28 @@ def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, s
                 raise InsufficientBalance(exc.available_micros or 0, hold) from None
         # The wallet row is now locked (PostgreSQL) / the write lock held (SQLite): counts below
         # cannot race another admission of this user.
-        in_flight = db.session.scalar(
-            select(func.count()).select_from(UsageRecord).where(
-                UsageRecord.user_id == caller.user_id, UsageRecord.group_id == caller.group.id,
-                UsageRecord.status == "pending"))
+        conn = db.session.connection()
+        in_flight = conn.execute(_IN_FLIGHT, {"p_user": caller.user_id, "p_group": caller.group.id}).scalar()
         if in_flight >= caller.group.concurrency_limit:
             raise RelayError(429, f"Concurrency limit of {caller.group.concurrency_limit} calls in "
                                   "flight reached for your group.", code="concurrency_limit_exceeded",
                              headers={"Retry-After": "1"})
         if caller.spend_limit_micros is not None:
-            spent = db.session.scalar(select(ApiKey.spent_micros).where(ApiKey.id == caller.key_id)) or 0
-            open_holds = db.session.scalar(
-                select(func.coalesce(func.sum(UsageRecord.hold_micros), 0)).where(
-                    UsageRecord.key_id == caller.key_id, UsageRecord.status == "pending")) or 0
-            if spent + open_holds + hold > caller.spend_limit_micros:
+            spent, open_holds = conn.execute(_KEY_COMMITTED, {"p_key": caller.key_id}).one()
+            if (spent or 0) + (open_holds or 0) + hold > caller.spend_limit_micros:
                 raise RelayError(402, "This key's spend limit is reached.", code="key_spend_limit")
-        rid = db.session.execute(insert(UsageRecord).values(
-            request_id=request_id, user_id=caller.user_id, key_id=caller.key_id,
-            group_id=caller.group.id, model=model.name, endpoint=endpoint, stream=stream,
-            status="pending", usage_source="estimated",
+        rid = conn.execute(_INSERT_PENDING, {
+            "request_id": request_id, "user_id": caller.user_id, "key_id": caller.key_id,
+            "group_id": caller.group.id, "model": model.name, "endpoint": endpoint, "stream": stream,
+            "status": "pending", "usage_source": "estimated",
             # Until settled, input_tokens holds the best estimate (the reconciler bills it).
-            input_tokens=est.input_tokens(),
-            input_price=prices.input, output_price=prices.output,
-            cache_write_5m_price=prices.cache_write_5m, cache_write_1h_price=prices.cache_write_1h,
-            cache_read_price=prices.cache_read, per_call_price=prices.per_call,
-            multiplier_ppm=mult, hold_micros=hold, client_ip=client_ip, created_at=now,
-            deadline_at=deadline,
-        ).returning(UsageRecord.id)).scalar_one()
+            "input_tokens": est.input_tokens(),
+            "input_price": prices.input, "output_price": prices.output,
+            "cache_write_5m_price": prices.cache_write_5m, "cache_write_1h_price": prices.cache_write_1h,
+            "cache_read_price": prices.cache_read, "per_call_price": prices.per_call,
+            "multiplier_ppm": mult, "hold_micros": hold, "client_ip": client_ip, "created_at": now,
+            "deadline_at": deadline,
+        }).scalar_one()
     return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult,
                      est.input_tokens())
 
@@ -270,40 +292,31 @@ def settle(adm: Admission, out: Outcome) -> bool:
     official = q.official_pico if q else 0
     t = out.tokens if q else Tokens()
     with write_tx():
-        done = db.session.execute(
-            update(UsageRecord)
-            .where(UsageRecord.id == adm.record_id, UsageRecord.status == "pending")
-            .values(status=out.status, usage_source=out.usage_source, input_tokens=t.input,
-                    output_tokens=t.output, cache_write_5m_tokens=t.cache_write_5m,
-                    cache_write_1h_tokens=t.cache_write_1h, cache_read_tokens=t.cache_read,
-                    official_cost_pico=official, charge_micros=charge, latency_ms=out.latency_ms,
-                    ttfb_ms=out.ttfb_ms, attempts=out.attempts, channel_id=out.channel_id,
-                    upstream_request_id=(out.upstream_request_id or None) and out.upstream_request_id[:100],
-                    error=(out.error or None) and out.error[:500],
-                    delivered_chars=out.delivered_chars, settled_at=utcnow())
-            .returning(UsageRecord.id)
-            .execution_options(synchronize_session=False)
-        ).first()
+        conn = db.session.connection()
+        done = conn.execute(_SETTLE_RECORD, {
+            "p_id": adm.record_id, "status": out.status, "usage_source": out.usage_source,
+            "input_tokens": t.input, "output_tokens": t.output,
+            "cache_write_5m_tokens": t.cache_write_5m, "cache_write_1h_tokens": t.cache_write_1h,
+            "cache_read_tokens": t.cache_read, "official_cost_pico": official, "charge_micros": charge,
+            "latency_ms": out.latency_ms, "ttfb_ms": out.ttfb_ms, "attempts": out.attempts,
+            "channel_id": out.channel_id,
+            "upstream_request_id": (out.upstream_request_id or None) and out.upstream_request_id[:100],
+            "error": (out.error or None) and out.error[:500],
+            "delivered_chars": out.delivered_chars, "settled_at": utcnow(),
+        }).first()
         if done is None:
             return False
         ledger.settle(adm.user_id, hold_micros=adm.hold_micros, charge_micros=charge,
                       ref_type="usage", ref_id=adm.request_id)
         if adm.key_id is not None:
-            db.session.execute(
-                update(ApiKey).where(ApiKey.id == adm.key_id)
-                .values(spent_micros=ApiKey.spent_micros + charge, last_used_at=utcnow())
-                .execution_options(synchronize_session=False))
+            conn.execute(_KEY_SPENT, {"p_key": adm.key_id, "p_charge": charge, "p_now": utcnow()})
     return True
 
 
 def checkpoint(record_id: int, delivered_chars: int) -> None:
     """Progress of a long stream, so a reconciler after a crash bills the output delivered."""
     with write_tx():
-        db.session.execute(
-            update(UsageRecord)
-            .where(UsageRecord.id == record_id, UsageRecord.status == "pending")
-            .values(delivered_chars=delivered_chars)
-            .execution_options(synchronize_session=False))
+        db.session.connection().execute(_CHECKPOINT, {"p_id": record_id, "delivered_chars": delivered_chars})
 
 
 def reconcile(limit: int = 500) -> int:
