@@ -92,8 +92,19 @@ def _init_extensions(app: Flask) -> None:
 def _register_blueprints(app: Flask) -> None:
     from console.extensions import csrf
     from console.relay import bp as relay_bp
-    from console.views import (admin, admin_catalog, admin_channels, admin_vouchers, auth, groups,
-                               keys, pages, support, usage, wallet)
+    from console.views import (
+        admin,
+        admin_catalog,
+        admin_channels,
+        admin_vouchers,
+        auth,
+        groups,
+        keys,
+        pages,
+        support,
+        usage,
+        wallet,
+    )
 
     for module in (pages, auth, wallet, keys, groups, usage, support, admin, admin_vouchers,
                    admin_channels, admin_catalog):

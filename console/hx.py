@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from flask import Response, flash, make_response, redirect as flask_redirect, render_template, request
+from flask import Response, flash, make_response, render_template, request
+from flask import redirect as flask_redirect
 from htmx_flask import Htmx
 
 htmx = Htmx()

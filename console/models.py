@@ -8,12 +8,12 @@ from __future__ import annotations
 from datetime import date, datetime, timezone
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     CheckConstraint,
     Date,
     DateTime,
-    DDL,
     ForeignKey,
     Index,
     Integer,

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from console.extensions import db
 from console.models import AuditLog, User, Wallet
 from tests.conftest import make_app
-from tests.support.web import HX, PASSWORD, csrf_from, login, make_user, page_token
+from tests.support.web import HX, PASSWORD, login, make_user, page_token
 
 
 def _post_login(client, email, password, next_=None):

@@ -17,4 +17,4 @@ def setting(name: str) -> float:
     return float(value)
 
 
-from console.relay import routes  # noqa: F401  (routes attach to bp)
+from console.relay import routes  # noqa: E402,F401  (routes attach to bp)
