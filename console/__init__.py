@@ -90,7 +90,7 @@ def _init_extensions(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from console.extensions import csrf
+    from console.extensions import csrf, limiter
     from console.relay import bp as relay_bp
     from console.views import (
         admin,
@@ -109,8 +109,10 @@ def _register_blueprints(app: Flask) -> None:
     for module in (pages, auth, wallet, keys, groups, usage, support, admin, admin_vouchers,
                    admin_channels, admin_catalog):
         app.register_blueprint(module.bp)
-    # The relay authenticates by API key only and never reads cookies, so CSRF does not apply.
+    # The relay authenticates by API key only and never reads cookies, so CSRF does not apply;
+    # its own per-key limits live in console/relay/metering.py.
     csrf.exempt(relay_bp)
+    limiter.exempt(relay_bp)
     app.register_blueprint(relay_bp)
 
 

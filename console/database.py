@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from console.extensions import db
 
 _IMMEDIATE = "sqlite_immediate"
+_DEFERRED_SYNC = "deferred_sync"
 
 
 @event.listens_for(Engine, "connect")
@@ -49,7 +50,10 @@ def _sqlite_on_begin(conn) -> None:
         return
     # A deferred transaction that later writes fails at once with SQLITE_BUSY when another
     # writer got in first (busy_timeout is not consulted); IMMEDIATE waits for the lock.
-    if conn.get_execution_options().get(_IMMEDIATE):
+    opts = conn.get_execution_options()
+    if opts.get(_IMMEDIATE):
+        # Set per transaction (outside it, as SQLite requires); see write_tx(durable=).
+        conn.exec_driver_sql("PRAGMA synchronous=" + ("NORMAL" if opts.get(_DEFERRED_SYNC) else "FULL"))
         _begin_immediate(conn.connection)
     else:
         conn.exec_driver_sql("BEGIN")
@@ -90,11 +94,17 @@ def sqlite_engine_options(uri: str) -> dict:
 
 
 @contextmanager
-def write_tx(session: Session | None = None) -> Iterator[Session]:
+def write_tx(session: Session | None = None, *, durable: bool = True) -> Iterator[Session]:
     """One short write transaction, committed on exit and rolled back on error.
 
     Nested uses join the outer transaction. A read transaction still open on the session
     is ended first, so the write starts fresh with BEGIN IMMEDIATE on SQLite.
+
+    durable=False lets the commit return before it reaches the disk (SQLite synchronous=NORMAL
+    for this transaction, PostgreSQL synchronous_commit off). A crash of the machine (not of
+    the process) may then lose the transaction whole, never part of it; a later durable commit
+    makes it durable too. Only for the relay's admission: losing it loses a hold together with
+    its pending record, never money on the ledger.
     """
     s = session or db.session()  # the request's real Session, not the scoped proxy
     depth = s.info.get("write_tx_depth", 0)
@@ -107,7 +117,9 @@ def write_tx(session: Session | None = None) -> Iterator[Session]:
         return
     if s.in_transaction():
         s.commit()
-    s.connection(execution_options={_IMMEDIATE: True})
+    conn = s.connection(execution_options={_IMMEDIATE: True, _DEFERRED_SYNC: not durable})
+    if not durable and conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
     s.info["write_tx_depth"] = 1
     try:
         yield s

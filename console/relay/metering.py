@@ -47,7 +47,7 @@ from datetime import timedelta
 from flask import current_app
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import bindparam, func, insert, select, update
 
 from console import ledger
@@ -143,18 +143,19 @@ def estimate(body: dict) -> Estimate:
 
 # ---- rate limits --------------------------------------------------------------------------
 
-def _limiter() -> MovingWindowRateLimiter:
+def _limiter() -> SlidingWindowCounterRateLimiter:
     app = current_app._get_current_object()
     lim = app.extensions.get("relay_limiter")
     if lim is None:
-        lim = app.extensions["relay_limiter"] = MovingWindowRateLimiter(
+        lim = app.extensions["relay_limiter"] = SlidingWindowCounterRateLimiter(
             storage_from_string(app.config["RATELIMIT_STORAGE_URI"]))
     return lim
 
 
 def check_rate(caller: Caller) -> None:
-    """The group's requests per minute, per key, in a moving window shared by all workers
-    (and hosts, when the storage is Redis)."""
+    """The group's requests per minute, per key, in a sliding window shared by all workers
+    (and hosts, when the storage is Redis). The sliding-window counter keeps two counters per
+    key, so its cost does not grow with the limit (a moving window stores every hit)."""
     if caller.group.rpm_limit <= 0:
         return
     item = RateLimitItemPerMinute(caller.group.rpm_limit)
@@ -220,7 +221,9 @@ def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, s
     cfg = current_app.config
     now = utcnow()
     deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])
-    with write_tx():
+    # Not synced to disk on commit: a machine crash can lose this admission whole (hold and
+    # pending record together), never a ledger entry; the settle's durable commit syncs it.
+    with write_tx(durable=False):
         if hold:
             try:
                 ledger.hold(caller.user_id, hold)
