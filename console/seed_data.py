@@ -1,9 +1,12 @@
 """Demo and reference data for `flask seed`: groups, official prices, the FAQ."""
 from __future__ import annotations
 
-# Official list prices, USD per 1M tokens: (name, provider, kind, input, output,
-# cache write 5m, cache write 1h, cache read, max output tokens, context window).
+# Official list prices, USD per 1M tokens, as a starting catalog: admins keep them current (and
+# add newer models) in Admin → catalog; verify against the providers' price pages before selling.
+# (name, provider, kind, input, output, cache write 5m, cache write 1h, cache read,
+#  max output tokens, context window)
 MODELS = [
+    ("gpt-5.1", "openai", "chat", "1.25", "10.00", None, None, "0.125", 128000, 400000),
     ("gpt-5", "openai", "chat", "1.25", "10.00", None, None, "0.125", 128000, 400000),
     ("gpt-5-mini", "openai", "chat", "0.25", "2.00", None, None, "0.025", 128000, 400000),
     ("gpt-4.1", "openai", "chat", "2.00", "8.00", None, None, "0.50", 32768, 1047576),
@@ -15,7 +18,7 @@ MODELS = [
     ("text-embedding-3-large", "openai", "embedding", "0.13", "0", None, None, None, 1, 8191),
     ("claude-opus-4-1", "anthropic", "chat", "15.00", "75.00", "18.75", "30.00", "1.50", 32000, 200000),
     ("claude-sonnet-4-5", "anthropic", "chat", "3.00", "15.00", "3.75", "6.00", "0.30", 64000, 200000),
-    ("claude-sonnet-4", "anthropic", "chat", "3.00", "15.00", "3.75", "6.00", "0.30", 64000, 200000),
+    ("claude-opus-4-5", "anthropic", "chat", "5.00", "25.00", "6.25", "10.00", "0.50", 64000, 200000),
     ("claude-haiku-4-5", "anthropic", "chat", "1.00", "5.00", "1.25", "2.00", "0.10", 64000, 200000),
 ]
 
