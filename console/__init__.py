@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from flask import Flask, request
+from flask.sessions import SecureCookieSessionInterface
 from flask_login import current_user
 
 from console.config import INSTANCE, ROOT, Config
@@ -17,6 +18,27 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
+
+
+class _ConsoleSessions(SecureCookieSessionInterface):
+    """The relay (/v1) authenticates by API key only: it gets the null session, so a cookie
+    sent to the API is never even decoded, and no API response varies on it."""
+
+    def open_session(self, app, req):
+        if _is_relay(req):
+            return self.make_null_session(app)
+        return super().open_session(app, req)
+
+
+def rate_storage_options(uri: str) -> dict:
+    """Redis rate-limit storage waits for a free connection (up to 5 s) instead of failing:
+    a gevent worker may have hundreds of calls checking their limits at the same moment, and
+    redis-py's default pool raises "Too many connections" past 100."""
+    if not uri.startswith(("redis://", "rediss://")):
+        return {}
+    from redis import BlockingConnectionPool
+
+    return {"connection_pool": BlockingConnectionPool.from_url(uri, max_connections=100, timeout=5)}
 
 
 def create_app(overrides: dict | None = None) -> Flask:
@@ -30,6 +52,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     if overrides:
         app.config.update(overrides)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    app.session_interface = _ConsoleSessions()
 
     from console.database import sqlite_engine_options
 
@@ -39,6 +62,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         **sqlite_engine_options(uri),
     }
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config.get("REDIS_URL") or "memory://")
+    app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", rate_storage_options(app.config["RATELIMIT_STORAGE_URI"]))
 
     if app.config.get("TRUST_PROXY"):
         from werkzeug.middleware.proxy_fix import ProxyFix
@@ -76,6 +100,12 @@ def _init_extensions(app: Flask) -> None:
     csrf.init_app(app)
     htmx.init_app(app)
     limiter.init_app(app)
+    # The limiter's before-request hook only serves application-wide and default limits (there
+    # are none; console views carry their own decorators, which check themselves). The relay
+    # has its own per-key limits, so it skips the hook's per-request work entirely.
+    hooks = app.before_request_funcs.setdefault(None, [])
+    check = hooks[hooks.index(limiter._check_request_limit)]
+    hooks[hooks.index(check)] = lambda: None if _is_relay() else check()
     login_manager.init_app(app)
     login_manager.session_protection = "strong"
     login_manager.login_view = "auth.login"
@@ -116,8 +146,9 @@ def _register_blueprints(app: Flask) -> None:
     app.register_blueprint(relay_bp)
 
 
-def _is_relay() -> bool:
-    return request.path == "/v1" or request.path.startswith("/v1/")
+def _is_relay(req=None) -> bool:
+    path = (req or request).path
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def _register_security(app: Flask) -> None:

@@ -10,14 +10,18 @@ import random
 import sqlite3
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from flask import current_app
+from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
 
 from console.extensions import db
+
+_PG_IDLE = TransactionStatus.IDLE
 
 _IMMEDIATE = "sqlite_immediate"
 _DEFERRED_SYNC = "deferred_sync"
@@ -52,22 +56,36 @@ def _sqlite_on_begin(conn) -> None:
     # writer got in first (busy_timeout is not consulted); IMMEDIATE waits for the lock.
     opts = conn.get_execution_options()
     if opts.get(_IMMEDIATE):
-        # Set per transaction (outside it, as SQLite requires); see write_tx(durable=).
-        conn.exec_driver_sql("PRAGMA synchronous=" + ("NORMAL" if opts.get(_DEFERRED_SYNC) else "FULL"))
+        _set_sqlite_sync(conn.connection, not opts.get(_DEFERRED_SYNC))
         _begin_immediate(conn.connection)
     else:
         conn.exec_driver_sql("BEGIN")
 
 
-def _begin_immediate(fairy) -> None:
+def _set_sqlite_sync(fairy, durable: bool) -> None:
+    """synchronous=FULL or NORMAL for the next transaction (set outside it, as SQLite requires);
+    see write_tx(durable=). The connection record remembers the setting, so it is only sent
+    when it changes."""
+    mode = "FULL" if durable else "NORMAL"
+    if fairy.info.get("synchronous") != mode:
+        fairy.dbapi_connection.execute("PRAGMA synchronous=" + mode)
+        fairy.info["synchronous"] = mode
+
+
+class DatabaseBusy(sqlite3.OperationalError):
+    """The write lock was not free within the wait (SQLite, many writers at once)."""
+
+
+def _begin_immediate(fairy, wait_s: float | None = None) -> None:
     """BEGIN IMMEDIATE, waiting for the write lock with time.sleep between tries.
 
     SQLite's own busy handler sleeps inside C, which would freeze every greenlet of a gevent
     worker for the whole wait; time.sleep is cooperative there (and an ordinary sleep
     elsewhere). The connection's busy_timeout still guards every other statement.
+    wait_s: wait that long for the lock if it is longer than the connection's busy timeout.
     """
     timeout_ms = fairy.info.get("busy_timeout_ms", 5000)
-    deadline = time.monotonic() + timeout_ms / 1000
+    deadline = time.monotonic() + max(timeout_ms / 1000, wait_s or 0)
     cur = fairy.dbapi_connection.cursor()
     cur.execute("PRAGMA busy_timeout=0")
     try:
@@ -77,8 +95,10 @@ def _begin_immediate(fairy) -> None:
                 cur.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                if "locked" not in str(exc):
                     raise
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseBusy(str(exc)) from None
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.02)
     finally:
@@ -129,3 +149,152 @@ def write_tx(session: Session | None = None, *, durable: bool = True) -> Iterato
         raise
     finally:
         s.info["write_tx_depth"] = 0
+
+
+# ---- the relay's hot path: prepared Core statements on a raw DBAPI connection -------------
+
+class Prepared:
+    """A Core statement compiled once per dialect and run straight on a DBAPI cursor.
+
+    A relay call runs a handful of fixed statements; there SQLAlchemy's execution layer
+    (session bookkeeping, events, execution contexts, result objects) costs several times the
+    statement itself. The statement stays Core — one definition for both dialects — and values
+    pass through the column types' own bind and result processors, as SQLAlchemy would do.
+    An INSERT without .values() is compiled per set of parameter names.
+    """
+
+    def __init__(self, stmt):
+        self.stmt = stmt
+        self._by_key: dict[tuple, tuple] = {}
+        self._row_procs: dict[str, list] = {}
+
+    def _compiled(self, dialect, params: dict) -> tuple:
+        key = (dialect.name, tuple(params) if isinstance(self.stmt, Insert) else None)
+        hit = self._by_key.get(key)
+        if hit is None:
+            comp = self.stmt.compile(dialect=dialect, column_keys=list(params) if key[1] else None)
+            procs, fixed, required = {}, {}, set()
+            for name, bind in comp.binds.items():
+                proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                if proc is not None:
+                    procs[name] = proc
+                if name in params:
+                    continue
+                if key[1]:
+                    # A column the INSERT names because it has a default: only constant defaults
+                    # are applied here (SQLAlchemy would run the others in its execution context).
+                    default = self.stmt.table.c[name].default
+                    if default is None or not default.is_scalar:
+                        raise ValueError(f"Prepared INSERT: pass '{name}' explicitly")
+                    fixed[name] = default.arg
+                elif bind.required:
+                    required.add(name)
+                else:
+                    fixed[name] = bind.value  # a literal of the statement ('pending')
+            order = tuple(comp.positiontup) if dialect.positional else tuple(comp.binds)
+            hit = self._by_key[key] = (comp.string, procs, fixed, frozenset(required), order)
+        return hit
+
+    def row_processors(self, dialect) -> list:
+        procs = self._row_procs.get(dialect.name)
+        if procs is None:
+            procs = self._row_procs[dialect.name] = [
+                c.type.dialect_impl(dialect).result_processor(dialect, None)
+                for c in self.stmt.exported_columns]
+        return procs
+
+
+class RawTx:
+    """A DBAPI cursor on a pooled connection, for Prepared statements (see raw_tx())."""
+
+    def __init__(self, dialect, cursor):
+        self.dialect = dialect
+        self.cursor = cursor
+
+    def execute(self, prepared: Prepared, params: dict[str, Any]):
+        sql, procs, fixed, required, order = prepared._compiled(self.dialect, params)
+        if not required <= params.keys():
+            raise KeyError(f"missing parameters: {sorted(required - params.keys())}")
+        values = {**fixed, **params} if fixed else dict(params)
+        for name, proc in procs.items():
+            values[name] = proc(values[name])
+        if self.dialect.positional:
+            self.cursor.execute(sql, [values[n] for n in order])
+        else:
+            self.cursor.execute(sql, {n: values[n] for n in order})
+        return self.cursor
+
+    def first(self, prepared: Prepared, params: dict[str, Any]) -> tuple | None:
+        row = self.execute(prepared, params).fetchone()
+        if row is None:
+            return None
+        procs = prepared.row_processors(self.dialect)
+        return tuple(p(v) if p else v for p, v in zip(procs, row))
+
+    def scalar(self, prepared: Prepared, params: dict[str, Any]):
+        row = self.first(prepared, params)
+        return None if row is None else row[0]
+
+
+@contextmanager
+def raw_tx(*, write: bool, durable: bool = True, lock_wait_s: float | None = None) -> Iterator[RawTx]:
+    """One short transaction on a pooled DBAPI connection, outside the ORM session.
+
+    write=True: BEGIN IMMEDIATE on SQLite (waiting cooperatively as write_tx() does, or up to
+    lock_wait_s when that is longer; DatabaseBusy after that), committed on exit and rolled back on error;
+    durable= as in write_tx(). write=False: autocommit, each statement its own transaction —
+    a read, or on PostgreSQL one self-contained write statement (no BEGIN/COMMIT round trips).
+    """
+    engine = db.engine
+    fairy = engine.raw_connection()
+    dbapi = fairy.dbapi_connection
+    sqlite = engine.dialect.name == "sqlite"
+    cur = None
+    began = False
+    try:
+        if sqlite:
+            if write:
+                _set_sqlite_sync(fairy, durable)
+                _begin_immediate(fairy, lock_wait_s)
+                began = True
+        else:
+            dbapi.autocommit = True
+            if write:
+                dbapi.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO OFF")
+                began = True
+        cur = dbapi.cursor()
+        yield RawTx(engine.dialect, cur)
+        if began:
+            began = False
+            cur.execute("COMMIT")
+    finally:
+        try:
+            if began or (not sqlite and dbapi.info.transaction_status != _PG_IDLE):
+                dbapi.execute("ROLLBACK")
+            if cur is not None:
+                cur.close()
+            if not sqlite:
+                dbapi.autocommit = False
+        finally:
+            fairy.close()  # back to the pool
+
+
+def pg_locked_write(tx: RawTx, lock_sql: str, sql: str, params: dict, *, durable: bool) -> tuple | None:
+    """PostgreSQL, on a raw_tx(write=False): BEGIN; lock_sql; sql; COMMIT as one pipeline —
+    one network round trip — returning sql's first row.
+
+    READ COMMITTED gives each statement its own snapshot, so `sql` sees every transaction that
+    committed before lock_sql got its lock; and since the whole batch is on the server at once,
+    the lock is never held across a pause of this process (a busy gevent worker would otherwise
+    keep every other caller of that row waiting). An error aborts the batch; raw_tx rolls back.
+    """
+    conn = tx.cursor.connection
+    with conn.pipeline():
+        conn.execute("BEGIN")
+        if not durable:
+            conn.execute("SET LOCAL synchronous_commit TO OFF")
+        conn.execute(lock_sql, params)
+        cur = conn.cursor()
+        cur.execute(sql, params)
+        conn.execute("COMMIT")
+    return cur.fetchone()

@@ -14,13 +14,14 @@ import ipaddress
 import re
 import secrets
 import unicodedata
+from collections import namedtuple
 from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import joinedload
 
 from console import money
-from console.database import write_tx
+from console.database import Prepared, raw_tx, write_tx
 from console.extensions import db
 from console.models import ApiKey, Group, User, utcnow
 
@@ -98,13 +99,14 @@ def authenticate(secret: str) -> ApiKey | None:
 
 
 _K, _USERS = ApiKey.__table__, User.__table__
-_RELAY_LOOKUP = (
+_RELAY_LOOKUP = Prepared(
     select(_K.c.id, _K.c.user_id, _K.c.group_id, _K.c.status, _K.c.deleted_at, _K.c.expires_at,
            _K.c.spend_limit_micros, _K.c.model_allowlist, _K.c.ip_allowlist,
            _USERS.c.status.label("owner_status"), _USERS.c.default_group_id)
     .join(_USERS, _USERS.c.id == _K.c.user_id)
     .where(_K.c.key_hash == bindparam("p_hash"))
 )
+_RelayKey = namedtuple("_RelayKey", [c.name for c in _RELAY_LOOKUP.stmt.selected_columns])
 
 
 def relay_lookup(secret: str):
@@ -112,7 +114,9 @@ def relay_lookup(secret: str):
     returning a row (id, user_id, group_id, …, ip_allowlist, owner_status, default_group_id)."""
     if not looks_like_key(secret):
         return None
-    row = db.session.connection().execute(_RELAY_LOOKUP, {"p_hash": hash_secret(secret)}).first()
+    with raw_tx(write=False) as tx:
+        found = tx.first(_RELAY_LOOKUP, {"p_hash": hash_secret(secret)})
+    row = None if found is None else _RelayKey(*found)
     if row is None or not _usable(row.status, row.deleted_at, row.expires_at, row.owner_status):
         return None
     return row

@@ -8,11 +8,12 @@ is one), never across network I/O.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import String, bindparam, cast, func, insert, select, update
 
-from console.database import write_tx
+from console.database import Prepared, RawTx, write_tx
 from console.extensions import db
 from console.models import LedgerEntry, Voucher, Wallet, utcnow
 
@@ -71,12 +72,21 @@ def _move_statement(need_available: bool, need_held: bool):
     return stmt
 
 
-_MOVES = {(a, h): _move_statement(a, h) for a in (False, True) for h in (False, True)}
-_INSERT_ENTRY = insert(_L).returning(_L.c.id)
+_MOVES = {(a, h): Prepared(_move_statement(a, h)) for a in (False, True) for h in (False, True)}
+_INSERT_ENTRY = Prepared(insert(_L).returning(_L.c.id))
+_AVAILABLE = Prepared(select(_W.c.balance_micros - _W.c.held_micros).where(_W.c.user_id == bindparam("p_user")))
+
+
+def _run(tx: RawTx | None, stmt: Prepared, params: dict):
+    """First row of a hot-path statement: on the relay's raw transaction when given, else on
+    the session's (joining write_tx())."""
+    if tx is not None:
+        return tx.first(stmt, params)
+    return db.session.connection().execute(stmt.stmt, params).first()
 
 
 def _move(user_id: int, *, balance_delta: int = 0, held_delta: int = 0,
-          need_available: int | None = None, need_held: int | None = None):
+          need_available: int | None = None, need_held: int | None = None, tx: RawTx | None = None):
     """One conditional UPDATE; returns (wallet_id, balance, held) or None when the guard failed."""
     params = {"p_user": user_id, "p_balance_delta": balance_delta, "p_held_delta": held_delta,
               "p_now": utcnow()}
@@ -84,25 +94,22 @@ def _move(user_id: int, *, balance_delta: int = 0, held_delta: int = 0,
         params["p_need_available"] = need_available
     if need_held is not None:
         params["p_need_held"] = need_held
-    stmt = _MOVES[(need_available is not None, need_held is not None)]
-    return db.session.connection().execute(stmt, params).first()
+    return _run(tx, _MOVES[(need_available is not None, need_held is not None)], params)
 
 
-def _guard_failed(user_id: int) -> LedgerError:
-    w = db.session.execute(
-        select(Wallet.balance_micros - Wallet.held_micros).where(Wallet.user_id == user_id)
-    ).scalar()
-    return NoWallet() if w is None else InsufficientFunds(w)
+def _guard_failed(user_id: int, tx: RawTx | None = None) -> LedgerError:
+    row = _run(tx, _AVAILABLE, {"p_user": user_id})
+    return NoWallet() if row is None else InsufficientFunds(row[0])
 
 
 def _entry(wallet_id: int, user_id: int, kind: str, amount: int, balance_after: int,
            ref_type: str | None, ref_id: str | None, actor_id: int | None,
-           reason: str | None) -> int:
-    return db.session.connection().execute(_INSERT_ENTRY, {
+           reason: str | None, tx: RawTx | None = None) -> int:
+    return _run(tx, _INSERT_ENTRY, {
         "wallet_id": wallet_id, "user_id": user_id, "kind": kind, "amount_micros": amount,
         "balance_after_micros": balance_after, "ref_type": ref_type, "ref_id": ref_id,
         "actor_id": actor_id, "reason": reason, "created_at": utcnow(),
-    }).scalar_one()
+    })[0]
 
 
 def credit(user_id: int, amount: int, *, kind: str, ref_type: str | None = None,
@@ -131,13 +138,14 @@ def charge(user_id: int, amount: int, *, kind: str = "usage_charge", ref_type: s
         return Movement(entry, row[1], row[2])
 
 
-def hold(user_id: int, amount: int) -> Movement:
-    """Reserve money for an in-flight call; the balance does not move, so no ledger row."""
+def hold(user_id: int, amount: int, *, tx: RawTx | None = None) -> Movement:
+    """Reserve money for an in-flight call; the balance does not move, so no ledger row.
+    tx: the relay's raw write transaction (see database.raw_tx), else write_tx()."""
     _positive(amount)
-    with write_tx():
-        row = _move(user_id, held_delta=amount, need_available=amount)
+    with _tx(tx):
+        row = _move(user_id, held_delta=amount, need_available=amount, tx=tx)
         if row is None:
-            raise _guard_failed(user_id)
+            raise _guard_failed(user_id, tx)
         return Movement(None, row[1], row[2])
 
 
@@ -152,7 +160,7 @@ def release(user_id: int, amount: int) -> Movement:
 
 
 def settle(user_id: int, *, hold_micros: int, charge_micros: int, ref_type: str,
-           ref_id: str) -> Movement:
+           ref_id: str, tx: RawTx | None = None) -> Movement:
     """Release a call's hold and charge what it actually cost, in one statement.
 
     The charge is not capped by the available balance: the upstream has already served the
@@ -161,16 +169,62 @@ def settle(user_id: int, *, hold_micros: int, charge_micros: int, ref_type: str,
     """
     if hold_micros < 0 or charge_micros < 0:
         raise ValueError("negative hold or charge")
-    with write_tx():
+    with _tx(tx):
         row = _move(user_id, balance_delta=-charge_micros, held_delta=-hold_micros,
-                    need_held=hold_micros)
+                    need_held=hold_micros, tx=tx)
         if row is None:
             raise LedgerError("settle: the hold is not there")
         entry = None
         if charge_micros:
             entry = _entry(row[0], user_id, "usage_charge", -charge_micros, row[1],
-                           ref_type, ref_id, None, None)
+                           ref_type, ref_id, None, None, tx)
         return Movement(entry, row[1], row[2])
+
+
+# PostgreSQL: hold() above as a CTE named "h", for a caller's one-statement admission; it
+# holds only when the caller's extra condition (SQL) is true too, and returns the wallet id.
+# Parameters: p_user, p_hold, p_now. A hold of 0 always passes the balance check.
+PG_HOLD_CTE = """
+h AS (
+  UPDATE wallets SET held_micros = held_micros + %(p_hold)s, updated_at = %(p_now)s
+  WHERE user_id = %(p_user)s AND (%(p_hold)s::bigint = 0 OR balance_micros - held_micros >= %(p_hold)s)
+    AND ({condition})
+  RETURNING id
+)"""
+
+
+# PostgreSQL: settle() above as two CTEs, to run in ONE statement with the caller's claim on
+# the call (a CTE named "claim" that returns a row only when the call is settled now): one
+# round trip, and the wallet row stays locked only for that statement and its commit. Each
+# sub-statement re-checks its row after a lock wait (READ COMMITTED), so the guard and the
+# arithmetic see the latest wallet. Parameters: s_user, s_hold, s_charge, s_ref_type,
+# s_ref_id, s_now. The caller must fail the statement when claim has a row and w has none
+# (see PG_SETTLE_GUARD): the hold is not there, and nothing may be written.
+PG_SETTLE_CTES = """
+w AS (
+  UPDATE wallets SET balance_micros = balance_micros - %(s_charge)s,
+                     held_micros = held_micros - %(s_hold)s, updated_at = %(s_now)s
+  WHERE user_id = %(s_user)s AND held_micros >= %(s_hold)s AND EXISTS (SELECT 1 FROM claim)
+  RETURNING id, balance_micros, held_micros
+),
+e AS (
+  INSERT INTO ledger_entries (wallet_id, user_id, kind, amount_micros, balance_after_micros,
+                              ref_type, ref_id, created_at)
+  SELECT id, %(s_user)s, 'usage_charge', -%(s_charge)s::bigint, balance_after, %(s_ref_type)s,
+         %(s_ref_id)s, %(s_now)s
+  FROM (SELECT id, balance_micros AS balance_after FROM w) AS moved
+  WHERE %(s_charge)s::bigint > 0
+  RETURNING id
+)"""
+# An error raised at run time (the cast of a text that names the problem) aborts the whole
+# statement; a constant expression would be folded, and raised, at plan time.
+PG_SETTLE_GUARD = """CASE WHEN EXISTS (SELECT 1 FROM claim) AND NOT EXISTS (SELECT 1 FROM w)
+  THEN CAST('settle: the hold is not there for ' || (SELECT min(id) FROM claim)::text AS integer) END"""
+
+
+def _tx(tx: RawTx | None):
+    """The caller's raw transaction (nothing to open), else a write_tx()."""
+    return nullcontext() if tx is not None else write_tx()
 
 
 def adjust(user_id: int, amount: int, *, actor_id: int, reason: str) -> Movement:

@@ -46,3 +46,72 @@ def test_write_tx_holds_the_sqlite_write_lock_from_the_start(tmp_path):
             finally:
                 other.close()
         db.engine.dispose()
+
+
+# ---- Prepared statements on raw_tx() (the relay's hot path) ---------------------------------
+
+def _prepared_fixtures():
+    from sqlalchemy import bindparam, insert, select, update
+
+    from console.database import Prepared
+    from console.models import FaqEntry
+
+    t = FaqEntry.__table__
+    return (t, Prepared(insert(t).returning(t.c.id, t.c.updated_at)),
+            Prepared(select(t.c.question, t.c.updated_at, t.c.published).where(t.c.id == bindparam("p_id"))),
+            Prepared(update(t).where(t.c.id == bindparam("p_id"), t.c.published.is_(True))
+                     .values(question=bindparam("p_q")).returning(t.c.id)))
+
+
+def _faq_row(created):
+    return {"question": "Q?", "answer_md": "A.", "slug": "q", "sort_order": 0, "published": True,
+            "updated_at": created}
+
+
+def test_prepared_statements_round_trip_values_like_the_orm(ctx):
+    """Datetimes, booleans and literals pass through the column types' processors on both databases,
+    and what the raw path writes reads back identically through the ORM."""
+    from datetime import UTC, datetime
+
+    from console.database import raw_tx
+    from console.models import FaqEntry
+
+    _, ins, sel, upd = _prepared_fixtures()
+    created = datetime(2026, 11, 28, 12, 30, 15, 123456, tzinfo=UTC)
+    with raw_tx(write=True) as tx:
+        new_id, returned_at = tx.first(ins, _faq_row(created))
+    assert returned_at == created
+    with raw_tx(write=False) as tx:
+        assert tx.first(sel, {"p_id": new_id}) == ("Q?", created, True)
+        assert tx.first(sel, {"p_id": new_id + 1}) is None
+    with raw_tx(write=True) as tx:
+        assert tx.scalar(upd, {"p_id": new_id, "p_q": "Why?"}) == new_id
+    orm = db.session.get(FaqEntry, new_id)
+    assert (orm.question, orm.updated_at, orm.published) == ("Why?", created, True)
+
+
+def test_raw_tx_rolls_back_on_error_and_refuses_missing_parameters(ctx):
+    from datetime import UTC, datetime
+
+    import pytest
+    from sqlalchemy import func, select
+
+    from console.database import raw_tx
+    from console.models import FaqEntry
+
+    _, ins, sel, upd = _prepared_fixtures()
+    with pytest.raises(RuntimeError):
+        with raw_tx(write=True) as tx:
+            tx.first(ins, _faq_row(datetime.now(UTC)))
+            raise RuntimeError("after the insert")
+    assert db.session.scalar(select(func.count()).select_from(FaqEntry)) == 0
+    with pytest.raises(KeyError):
+        with raw_tx(write=False) as tx:
+            tx.first(sel, {})
+    with pytest.raises(ValueError):  # a column with a callable default must be passed explicitly
+        with raw_tx(write=True) as tx:
+            tx.first(ins, {k: v for k, v in _faq_row(datetime.now(UTC)).items() if k != "updated_at"})
+    # The pooled connection is clean afterwards: the ORM writes through it normally.
+    with write_tx():
+        db.session.add(FaqEntry(**_faq_row(datetime.now(UTC))))
+    assert db.session.scalar(select(func.count()).select_from(FaqEntry)) == 1

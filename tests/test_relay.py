@@ -485,6 +485,44 @@ def test_reconcile_settles_stale_records_once(relay):
     assert ledger.verify() == []
 
 
+def test_settle_is_exactly_once_and_writes_nothing_when_the_hold_is_gone(relay):
+    """settle() charges, releases, writes one ledger row and adds to the key's spend, once; a
+    second settle is a no-op. If the hold has vanished (an invariant broken elsewhere), it
+    fails as a whole: the record stays pending and no money moves."""
+    from console.models import LedgerEntry
+    from console.relay.metering import Outcome, settle
+
+    _app, _client, acct = relay
+    adm = _pending(acct, deadline_in=timedelta(minutes=5))
+    before = wallet(acct.user_id)
+    db.session.remove()  # end the read, so what follows sees the settle
+    out = Outcome("ok", "upstream", Tokens(input=1000, output=500), latency_ms=5, attempts=1)
+    assert settle(adm, out) is True
+    rec = db.session.get(UsageRecord, adm.record_id)
+    after = wallet(acct.user_id)
+    assert rec.status == "ok" and rec.charge_micros == recomputed(rec) > 0
+    assert after.balance_micros == before.balance_micros - rec.charge_micros
+    assert after.held_micros == before.held_micros - adm.hold_micros == 0
+    entries = db.session.scalars(select(LedgerEntry).where(LedgerEntry.ref_id == adm.request_id)).all()
+    assert [(e.kind, e.amount_micros, e.balance_after_micros) for e in entries] == [
+        ("usage_charge", -rec.charge_micros, after.balance_micros)]
+    assert db.session.get(ApiKey, acct.key_id).spent_micros == rec.charge_micros
+    db.session.remove()
+    assert settle(adm, out) is False
+    assert wallet(acct.user_id).balance_micros == after.balance_micros
+
+    gone = _pending(acct, deadline_in=timedelta(minutes=5))
+    ledger.release(acct.user_id, gone.hold_micros)
+    db.session.remove()
+    with pytest.raises(Exception, match="hold is not there"):
+        settle(gone, out)
+    db.session.remove()
+    assert db.session.get(UsageRecord, gone.record_id).status == "pending"
+    assert wallet(acct.user_id).balance_micros == after.balance_micros
+    assert db.session.get(ApiKey, acct.key_id).spent_micros == rec.charge_micros
+    assert ledger.verify() == []
+
+
 def test_channel_secret_is_encrypted_and_urls_are_checked(relay):
     """The stored secret is ciphertext; private or plain-http URLs are refused unless allowed."""
     app, _client, _acct = relay

@@ -194,6 +194,12 @@ def test_killed_worker_is_settled_by_reconcile(db_url, slow_upstream):
             lines = resp.iter_lines()
             for _ in range(8):
                 next(lines)
+            # The stream has checkpointed what it delivered (what the reconciler bills) before the kill.
+            for _ in range(100):
+                with app.app_context():
+                    if records()[0].delivered_chars > 0:
+                        break
+                time.sleep(0.05)
             workers = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True).stdout.split()
             assert workers
             for pid in workers:

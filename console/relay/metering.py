@@ -49,9 +49,10 @@ from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from console import ledger
-from console.database import write_tx
+from console import ledger, rate_storage_options
+from console.database import DatabaseBusy, Prepared, pg_locked_write, raw_tx
 from console.extensions import db
 from console.models import ApiKey, UsageRecord, utcnow
 from console.pricing import Prices, Tokens, max_charge, quote
@@ -147,8 +148,9 @@ def _limiter() -> SlidingWindowCounterRateLimiter:
     app = current_app._get_current_object()
     lim = app.extensions.get("relay_limiter")
     if lim is None:
+        uri = app.config["RATELIMIT_STORAGE_URI"]
         lim = app.extensions["relay_limiter"] = SlidingWindowCounterRateLimiter(
-            storage_from_string(app.config["RATELIMIT_STORAGE_URI"]))
+            storage_from_string(uri, **rate_storage_options(uri)))
     return lim
 
 
@@ -170,30 +172,31 @@ def check_rate(caller: Caller) -> None:
 
 
 # ---- hot-path statements ----------------------------------------------------------------------
-# Built once with bound parameters and run on the session's connection: a relay call runs each
-# of these once, so per-call statement construction and ORM bookkeeping are worth avoiding.
+# Core statements compiled once per dialect and run on a raw DBAPI transaction (database.raw_tx):
+# a relay call runs each of these once, where SQLAlchemy's execution layer would cost more
+# than the statements themselves.
 _U = UsageRecord.__table__
 _K = ApiKey.__table__
-_IN_FLIGHT = select(func.count()).select_from(_U).where(
-    _U.c.user_id == bindparam("p_user"), _U.c.group_id == bindparam("p_group"), _U.c.status == "pending")
-_KEY_COMMITTED = select(
+_IN_FLIGHT = Prepared(select(func.count()).select_from(_U).where(
+    _U.c.user_id == bindparam("p_user"), _U.c.group_id == bindparam("p_group"), _U.c.status == "pending"))
+_KEY_COMMITTED = Prepared(select(
     _K.c.spent_micros,
     select(func.coalesce(func.sum(_U.c.hold_micros), 0))
     .where(_U.c.key_id == bindparam("p_key"), _U.c.status == "pending").scalar_subquery(),
-).where(_K.c.id == bindparam("p_key"))
-_INSERT_PENDING = insert(_U).returning(_U.c.id)
+).where(_K.c.id == bindparam("p_key")))
+_INSERT_PENDING = Prepared(insert(_U).returning(_U.c.id))
 _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
                     "cache_write_1h_tokens", "cache_read_tokens", "official_cost_pico", "charge_micros",
                     "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id", "error",
                     "delivered_chars", "settled_at")
-_SETTLE_RECORD = (update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
-                  .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
-                  .returning(_U.c.id))
-_KEY_SPENT = (update(_K).where(_K.c.id == bindparam("p_key"))
-              .values(spent_micros=_K.c.spent_micros + bindparam("p_charge"),
-                      last_used_at=bindparam("p_now", type_=_K.c.last_used_at.type)))
-_CHECKPOINT = (update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
-               .values(delivered_chars=bindparam("delivered_chars")))
+_SETTLE_RECORD = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
+                          .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
+                          .returning(_U.c.id))
+_KEY_SPENT = Prepared(update(_K).where(_K.c.id == bindparam("p_key"))
+                      .values(spent_micros=_K.c.spent_micros + bindparam("p_charge"),
+                              last_used_at=bindparam("p_now", type_=_K.c.last_used_at.type)))
+_CHECKPOINT = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
+                       .values(delivered_chars=bindparam("delivered_chars")))
 
 
 # ---- admission ----------------------------------------------------------------------------
@@ -215,46 +218,123 @@ class Admission:
 
 def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, stream: bool,
           est: Estimate, client_ip: str | None) -> Admission:
-    prices = model.prices
-    mult = caller.group.multiplier_ppm
-    hold = max_charge(prices, mult, est.input_hold_tokens(model), est.output_hold_tokens(model))
+    hold = max_charge(model.prices, caller.group.multiplier_ppm, est.input_hold_tokens(model),
+                      est.output_hold_tokens(model))
     cfg = current_app.config
     now = utcnow()
     deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])
+    try:
+        return _admit(caller, model, hold, now, deadline, request_id=request_id, endpoint=endpoint,
+                      stream=stream, est=est, client_ip=client_ip)
+    except (DatabaseBusy, PoolTimeout):
+        # Nothing was written; the client may retry (OpenAI and Anthropic SDKs do on 503).
+        raise RelayError(503, "The service is busy; retry in a moment.", code="overloaded",
+                         headers={"Retry-After": "1"}) from None
+
+
+def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, request_id: str, endpoint: str,
+           stream: bool, est: Estimate, client_ip: str | None) -> Admission:
+    prices, mult = model.prices, caller.group.multiplier_ppm
+    row = {
+        "request_id": request_id, "user_id": caller.user_id, "key_id": caller.key_id,
+        "group_id": caller.group.id, "model": model.name, "endpoint": endpoint, "stream": stream,
+        "status": "pending", "usage_source": "estimated",
+        # Until settled, input_tokens holds the best estimate (the reconciler bills it).
+        "input_tokens": est.input_tokens(),
+        "input_price": prices.input, "output_price": prices.output,
+        "cache_write_5m_price": prices.cache_write_5m, "cache_write_1h_price": prices.cache_write_1h,
+        "cache_read_price": prices.cache_read, "per_call_price": prices.per_call,
+        "multiplier_ppm": mult, "hold_micros": hold, "client_ip": client_ip, "created_at": now,
+        "deadline_at": deadline,
+    }
+    if db.engine.dialect.name == "postgresql":
+        rid = _admit_pg(caller, hold, now, row)
+        return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult, est.input_tokens())
     # Not synced to disk on commit: a machine crash can lose this admission whole (hold and
     # pending record together), never a ledger entry; the settle's durable commit syncs it.
-    with write_tx(durable=False):
+    with raw_tx(write=True, durable=False) as tx:
         if hold:
             try:
-                ledger.hold(caller.user_id, hold)
+                ledger.hold(caller.user_id, hold, tx=tx)
             except ledger.InsufficientFunds as exc:
                 raise InsufficientBalance(exc.available_micros or 0, hold) from None
         # The wallet row is now locked (PostgreSQL) / the write lock held (SQLite): counts below
         # cannot race another admission of this user.
-        conn = db.session.connection()
-        in_flight = conn.execute(_IN_FLIGHT, {"p_user": caller.user_id, "p_group": caller.group.id}).scalar()
+        in_flight = tx.scalar(_IN_FLIGHT, {"p_user": caller.user_id, "p_group": caller.group.id})
         if in_flight >= caller.group.concurrency_limit:
-            raise RelayError(429, f"Concurrency limit of {caller.group.concurrency_limit} calls in "
-                                  "flight reached for your group.", code="concurrency_limit_exceeded",
-                             headers={"Retry-After": "1"})
+            raise _concurrency_refused(caller)
         if caller.spend_limit_micros is not None:
-            spent, open_holds = conn.execute(_KEY_COMMITTED, {"p_key": caller.key_id}).one()
+            spent, open_holds = tx.first(_KEY_COMMITTED, {"p_key": caller.key_id})
             if (spent or 0) + (open_holds or 0) + hold > caller.spend_limit_micros:
-                raise RelayError(402, "This key's spend limit is reached.", code="key_spend_limit")
-        rid = conn.execute(_INSERT_PENDING, {
-            "request_id": request_id, "user_id": caller.user_id, "key_id": caller.key_id,
-            "group_id": caller.group.id, "model": model.name, "endpoint": endpoint, "stream": stream,
-            "status": "pending", "usage_source": "estimated",
-            # Until settled, input_tokens holds the best estimate (the reconciler bills it).
-            "input_tokens": est.input_tokens(),
-            "input_price": prices.input, "output_price": prices.output,
-            "cache_write_5m_price": prices.cache_write_5m, "cache_write_1h_price": prices.cache_write_1h,
-            "cache_read_price": prices.cache_read, "per_call_price": prices.per_call,
-            "multiplier_ppm": mult, "hold_micros": hold, "client_ip": client_ip, "created_at": now,
-            "deadline_at": deadline,
-        }).scalar_one()
+                raise _KeySpendLimit()
+        rid = tx.scalar(_INSERT_PENDING, row)
     return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult,
                      est.input_tokens())
+
+
+def _concurrency_refused(caller: Caller) -> RelayError:
+    return RelayError(429, f"Concurrency limit of {caller.group.concurrency_limit} calls in flight "
+                           "reached for your group.", code="concurrency_limit_exceeded",
+                      headers={"Retry-After": "1"})
+
+
+class _KeySpendLimit(RelayError):
+    def __init__(self):
+        super().__init__(402, "This key's spend limit is reached.", code="key_spend_limit")
+
+
+# PostgreSQL: the admission above as ONE statement after the wallet row is locked (see
+# database.pg_locked_write): the counts read a snapshot taken after the lock, the hold happens
+# only if every check passes, and the pending record only if the hold happened. The row it
+# returns says which check refused. Pending-record columns are cast to their column types
+# (parameters in an INSERT … SELECT list would otherwise be typed as text).
+_PG_LOCK_WALLET = "SELECT 1 FROM wallets WHERE user_id = %(p_user)s FOR UPDATE"
+_PG_CHECKS = """
+n AS (SELECT count(*) AS c FROM usage_records
+      WHERE user_id = %(p_user)s AND group_id = %(p_group)s AND status = 'pending'),
+ks AS (SELECT k.spent_micros + COALESCE((SELECT sum(hold_micros) FROM usage_records
+                                          WHERE key_id = %(p_key)s AND status = 'pending'), 0) AS c
+       FROM api_keys k WHERE k.id = %(p_key)s)"""
+_PG_CONDITION = ("(SELECT c FROM n) < %(p_limit)s AND (%(p_spend_limit)s::bigint IS NULL"
+                 " OR (SELECT c FROM ks) + %(p_hold)s <= %(p_spend_limit)s)")
+_PG_ADMIT: dict[tuple, str] = {}
+
+
+def _pg_admit_sql(columns: tuple[str, ...]) -> str:
+    sql = _PG_ADMIT.get(columns)
+    if sql is None:
+        from sqlalchemy.dialects import postgresql
+
+        pg = postgresql.dialect()
+        values = ", ".join(f"%({c})s::{_U.c[c].type.compile(dialect=pg)}" for c in columns)
+        sql = _PG_ADMIT[columns] = (
+            "WITH" + _PG_CHECKS + "," + ledger.PG_HOLD_CTE.format(condition=_PG_CONDITION) + ",\n"
+            f"ins AS (INSERT INTO usage_records ({', '.join(columns)}) SELECT {values}"
+            " WHERE EXISTS (SELECT 1 FROM h) RETURNING id)\n"
+            "SELECT (SELECT id FROM ins), (SELECT c FROM n), (SELECT c FROM ks),"
+            " (SELECT balance_micros - held_micros FROM wallets WHERE user_id = %(p_user)s)")
+    return sql
+
+
+def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
+    # Columns the record leaves to their constant defaults are written explicitly.
+    full = {**{c.name: c.default.arg for c in _U.columns
+               if c.name not in row and c.default is not None and c.default.is_scalar}, **row}
+    params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
+              "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
+              "p_spend_limit": caller.spend_limit_micros}
+    with raw_tx(write=False) as tx:
+        found = pg_locked_write(tx, _PG_LOCK_WALLET, _pg_admit_sql(tuple(full)), params, durable=False)
+    rid, in_flight, key_committed, available = found
+    if rid is not None:
+        return rid
+    if available is None:
+        raise ledger.NoWallet()
+    if hold and available < hold:
+        raise InsufficientBalance(available, hold)
+    if in_flight >= caller.group.concurrency_limit:
+        raise _concurrency_refused(caller)
+    raise _KeySpendLimit()
 
 
 class InsufficientBalance(RelayError):
@@ -294,32 +374,59 @@ def settle(adm: Admission, out: Outcome) -> bool:
     charge = q.charge_micros if q else 0
     official = q.official_pico if q else 0
     t = out.tokens if q else Tokens()
-    with write_tx():
-        conn = db.session.connection()
-        done = conn.execute(_SETTLE_RECORD, {
-            "p_id": adm.record_id, "status": out.status, "usage_source": out.usage_source,
-            "input_tokens": t.input, "output_tokens": t.output,
-            "cache_write_5m_tokens": t.cache_write_5m, "cache_write_1h_tokens": t.cache_write_1h,
-            "cache_read_tokens": t.cache_read, "official_cost_pico": official, "charge_micros": charge,
-            "latency_ms": out.latency_ms, "ttfb_ms": out.ttfb_ms, "attempts": out.attempts,
-            "channel_id": out.channel_id,
-            "upstream_request_id": (out.upstream_request_id or None) and out.upstream_request_id[:100],
-            "error": (out.error or None) and out.error[:500],
-            "delivered_chars": out.delivered_chars, "settled_at": utcnow(),
-        }).first()
+    now = utcnow()
+    record = {
+        "p_id": adm.record_id, "status": out.status, "usage_source": out.usage_source,
+        "input_tokens": t.input, "output_tokens": t.output,
+        "cache_write_5m_tokens": t.cache_write_5m, "cache_write_1h_tokens": t.cache_write_1h,
+        "cache_read_tokens": t.cache_read, "official_cost_pico": official, "charge_micros": charge,
+        "latency_ms": out.latency_ms, "ttfb_ms": out.ttfb_ms, "attempts": out.attempts,
+        "channel_id": out.channel_id,
+        "upstream_request_id": (out.upstream_request_id or None) and out.upstream_request_id[:100],
+        "error": (out.error or None) and out.error[:500],
+        "delivered_chars": out.delivered_chars, "settled_at": now,
+    }
+    # The call has been served: wait for the write lock as long as it takes within the
+    # reconciler's grace, so the bill is the actual usage rather than the reconciler's estimate.
+    if db.engine.dialect.name == "postgresql":
+        with raw_tx(write=False) as tx:  # one statement, its own (durable) transaction
+            return _settle_pg(tx, adm, record, charge, now)
+    with raw_tx(write=True, lock_wait_s=current_app.config["RECONCILE_GRACE_S"]) as tx:
+        done = tx.first(_SETTLE_RECORD, record)
         if done is None:
             return False
         ledger.settle(adm.user_id, hold_micros=adm.hold_micros, charge_micros=charge,
-                      ref_type="usage", ref_id=adm.request_id)
+                      ref_type="usage", ref_id=adm.request_id, tx=tx)
         if adm.key_id is not None:
-            conn.execute(_KEY_SPENT, {"p_key": adm.key_id, "p_charge": charge, "p_now": utcnow()})
+            tx.execute(_KEY_SPENT, {"p_key": adm.key_id, "p_charge": charge, "p_now": now})
     return True
+
+
+# PostgreSQL: the whole settle above — claim the pending record, move the money, write the
+# ledger row, add to the key's spend — as one statement (one round trip).
+_PG_SETTLE = (
+    "WITH claim AS (UPDATE usage_records SET "
+    + ", ".join(f"{c} = %({c})s" for c in _SETTLED_COLUMNS)
+    + " WHERE id = %(p_id)s AND status = 'pending' RETURNING id),"
+    + ledger.PG_SETTLE_CTES + ",\n"
+    "k AS (UPDATE api_keys SET spent_micros = spent_micros + %(s_charge)s, last_used_at = %(s_now)s"
+    " WHERE id = %(p_key)s AND EXISTS (SELECT 1 FROM claim) RETURNING id)\n"
+    "SELECT (SELECT count(*) FROM claim), " + ledger.PG_SETTLE_GUARD
+)
+
+
+def _settle_pg(tx, adm: Admission, record: dict, charge: int, now) -> bool:
+    claimed, _ = tx.cursor.execute(_PG_SETTLE, {
+        **record, "p_key": adm.key_id, "s_user": adm.user_id, "s_hold": adm.hold_micros,
+        "s_charge": charge, "s_ref_type": "usage", "s_ref_id": adm.request_id, "s_now": now,
+    }).fetchone()
+    return bool(claimed)
 
 
 def checkpoint(record_id: int, delivered_chars: int) -> None:
     """Progress of a long stream, so a reconciler after a crash bills the output delivered."""
-    with write_tx():
-        db.session.connection().execute(_CHECKPOINT, {"p_id": record_id, "delivered_chars": delivered_chars})
+    with raw_tx(write=True) as tx:
+        tx.execute(_CHECKPOINT, {"p_id": record_id, "delivered_chars": delivered_chars})
 
 
 def reconcile(limit: int = 500) -> int:

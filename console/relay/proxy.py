@@ -101,6 +101,10 @@ def relay_call(call: Call) -> Reply:
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
+    # The catalog and channel caches may have refreshed through the session: give its
+    # connection back before admission takes one of its own (holding one while waiting for
+    # another lets a burst of calls exhaust the pool and wait on each other).
+    db.session.close()
     adm = metering.admit(call.caller, call.model, request_id=call.request_id,
                          endpoint=call.surface.name, stream=call.stream, est=est, client_ip=call.client_ip)
     db.session.close()  # nothing of ours stays open while the upstream works
