@@ -180,7 +180,7 @@ def summary(stats: Stats, duration: float, concurrency: int) -> dict:
     }
 
 
-def run(url, body, headers, concurrency, duration, warmup, timeout, stream):
+def run(url, body, headers, concurrency, duration, warmup, timeout, stream, ramp=None):
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
@@ -189,7 +189,7 @@ def run(url, body, headers, concurrency, duration, warmup, timeout, stream):
     stats = Stats()
     now = time.perf_counter()
     measure_from, stop_at = now + warmup, now + warmup + duration
-    ramp = min(warmup, 1.0)
+    ramp = min(warmup, 1.0 if ramp is None else ramp)
     greenlets = [gevent.spawn(_client, i, concurrency, request, stream, stats, now, measure_from,
                               stop_at, ramp, timeout, host, port) for i in range(concurrency)]
     gevent.joinall(greenlets, timeout=warmup + duration + timeout + 5)
@@ -209,13 +209,15 @@ def main(argv=None):
     p.add_argument("-d", "--duration", type=float, default=5.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--timeout", type=float, default=60.0, help="per-call timeout (s)")
+    p.add_argument("--ramp", type=float, default=None,
+                   help="spread the clients' first calls over this many seconds (default 1, at most --warmup)")
     args = p.parse_args(argv)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     body = args.body.encode()
     stream = bool(json.loads(body).get("stream"))
     result = run(args.url, body, args.header, args.concurrency, args.duration, args.warmup,
-                 args.timeout, stream)
+                 args.timeout, stream, args.ramp)
     json.dump(result, sys.stdout)
     print()
 

@@ -65,6 +65,7 @@ class Point:
     concurrency: int
     duration: float
     warmup: float
+    ramp: float = 1.0  # the clients' first calls are spread over this many seconds
 
 
 POINTS = [
@@ -72,7 +73,9 @@ POINTS = [
       for s in (False, True) for c in (1, 16, 64)),
     Point("slow stream c=64", "bench-slow", True, 64, 6, 1.5),
     Point("slow stream c=256", "bench-slow", True, 256, 6, 1.5),
-    Point("long stream c=1000", "bench-long", True, 1000, 12, 2.5),
+    # Spread over one stream's length (4 s): calls then arrive at a steady 250/s, as from
+    # independent users, instead of 1,000 admissions in the same second every 4 s.
+    Point("long stream c=1000", "bench-long", True, 1000, 12, 6, ramp=4),
 ]
 TARGETS = ("upstream", "forwarder", "forwarder-gthread", "relay-sqlite", "relay-postgres")
 
@@ -314,7 +317,8 @@ def run_point(point: Point, base: str, model: str, auth: str, server_pid: int, s
     duration, warmup = max(1.0, point.duration * scale), max(0.5, point.warmup * min(1.0, scale * 2))
     argv = [sys.executable, "-m", "bench.load", "--url", base + "/v1/chat/completions",
             "--body", _body(model, point.stream), "--header", f"authorization: Bearer {auth}",
-            "-c", str(point.concurrency), "-d", str(duration), "--warmup", str(warmup), "--timeout", "60"]
+            "-c", str(point.concurrency), "-d", str(duration), "--warmup", str(warmup), "--timeout", "60",
+            "--ramp", str(min(warmup, point.ramp))]
     sampler = RssSampler(server_pid)
     sampler.start()
     try:
