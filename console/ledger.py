@@ -4,7 +4,9 @@ The only code that writes wallets or ledger_entries. Each operation is one condi
 UPDATE … RETURNING (the check and the debit are one statement, checked by the row it
 returns) plus, when the balance moves, one append-only ledger row carrying the balance
 after it. Operations run inside `write_tx()` (joining the caller's transaction if there
-is one), never across network I/O.
+is one), or on the relay's raw transaction (`tx=`), never across network I/O. For the
+relay on PostgreSQL, hold() and settle() also exist as SQL fragments (PG_HOLD_CTE,
+PG_SETTLE_CTES) that the relay joins to its own statement, so a call is one round trip.
 """
 from __future__ import annotations
 

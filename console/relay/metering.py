@@ -35,6 +35,10 @@ pending records of the user in the group against the group's concurrency limit (
 the key's spend limit (spent + open holds + this hold), and insert the pending record. Settle
 is a conditional `UPDATE … WHERE status='pending'` plus ledger.settle() in one transaction,
 so a call is settled exactly once, whoever (worker or reconciler) gets there first.
+
+On PostgreSQL each is a single statement, one network round trip: the settle a
+data-modifying CTE in autocommit, the admission one checked statement after `SELECT … FOR
+UPDATE` on the wallet, the four sent as one pipeline (see _admit_pg and _settle_pg).
 """
 from __future__ import annotations
 
@@ -325,7 +329,7 @@ def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
               "p_spend_limit": caller.spend_limit_micros}
     with raw_tx(write=False) as tx:
         found = pg_locked_write(tx, _PG_LOCK_WALLET, _pg_admit_sql(tuple(full)), params, durable=False)
-    rid, in_flight, key_committed, available = found
+    rid, in_flight, _key_committed, available = found
     if rid is not None:
         return rid
     if available is None:
