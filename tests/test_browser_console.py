@@ -47,7 +47,10 @@ def test_redeem_updates_badge_in_place(live):
         page.evaluate("window.__marker = 1")  # survives only if the page is not reloaded
         page.fill("#redeem-form input[name=code]", code.lower().replace("-", " "))
         page.click("#redeem-form button[type=submit]")
-        page.wait_for_function("document.querySelector('#balance-badge').innerText.trim() === '¥12.50'")
+        # A locator assertion waits without evaluating a string in the page (the CSP forbids eval).
+        from playwright.sync_api import expect
+
+        expect(page.locator("#balance-badge")).to_have_text("¥12.50")
         page.wait_for_selector("#toasts .toast-success")
         assert page.evaluate("window.__marker") == 1
         # The same code again: an inline error in the re-rendered form, balance unchanged.

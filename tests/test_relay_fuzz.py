@@ -69,3 +69,43 @@ def test_malformed_bodies_never_5xx_and_never_charge(fuzz_relay):
     check()
     assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000 and wallet(acct.user_id).held_micros == 0
     assert {400, 415} <= seen
+
+
+# ---- well-formed requests with arbitrary content, arbitrary upstream JSON -------------------
+# JSON schemas in tools carry "type": ["string", "null"]; a real coding agent's request did.
+ANY_TYPE = st.one_of(st.sampled_from(["image", "image_url", "document", "text"]), JSON)
+CONTENT = st.recursive(
+    JSON, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(["type", "text", "content", "x"]), c,
+                                                              max_size=4)
+    | st.fixed_dictionaries({"type": ANY_TYPE, "text": c}),
+    max_leaves=20)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(content=CONTENT, extra=st.dictionaries(st.sampled_from(["tools", "input", "system", "messages"]), CONTENT,
+                                              max_size=3))
+def test_estimate_reads_any_request_content(content, extra):
+    """The hold's size estimate walks any JSON a well-formed request may carry without failing."""
+    from console.relay.metering import estimate
+
+    est = estimate({"model": "gpt-4o-mini", "messages": content, **extra})
+    assert est.text_bytes >= est.text_chars >= 0 and est.images >= 0 and est.files >= 0
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(event=JSON, surface=st.sampled_from(["chat", "responses", "messages"]))
+def test_usage_readers_accept_any_upstream_json(event, surface):
+    """Malformed upstream JSON (fields of unexpected types) is passed on and never breaks a call."""
+    from console.relay.protocols import CHAT, MESSAGES, RESPONSES, StreamMeter, text_from_json, usage_from_json
+
+    surf = {"chat": CHAT, "responses": RESPONSES, "messages": MESSAGES}[surface]
+    shaped = [event, {"type": event}, {"choices": event}, {"choices": [event]}, {"choices": [{"delta": event}]},
+              {"type": "response.completed", "response": event}, {"type": "content_block_delta", "delta": event},
+              {"type": "message_start", "message": event}, {"output": [event]}, {"content": [event]},
+              {"choices": [{"message": event}]}, {"usage": event}]
+    meter = StreamMeter(surf, strip_usage_chunk=True)
+    for obj in shaped:
+        data = json.dumps(obj).encode()
+        assert meter.feed(b"data: " + data + b"\n\n") in ([], [b"data: " + data + b"\n\n"])
+        text_from_json(surf, obj)
+        usage_from_json(surf, obj)

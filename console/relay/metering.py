@@ -128,6 +128,8 @@ def estimate(body: dict) -> Estimate:
         elif isinstance(node, dict):
             objects += 1
             kind = node.get("type")
+            if not isinstance(kind, str):  # a JSON schema's "type" may be a list
+                kind = None
             if kind in IMAGE_TYPES:
                 images += 1
                 continue

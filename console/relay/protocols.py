@@ -37,6 +37,19 @@ COUNT_TOKENS = Surface("count_tokens", "anthropic", "/v1/messages/count_tokens",
                        can_stream=False)
 
 
+# Upstream JSON is read defensively: a field of an unexpected type counts as absent.
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _str(v) -> str:
+    return v if isinstance(v, str) else ""
+
+
 def _int(v) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
@@ -75,25 +88,23 @@ def text_from_json(surface: Surface, obj) -> str:
     if not isinstance(obj, dict):
         return ""
     if surface is CHAT:
-        for ch in obj.get("choices") or ():
-            msg = (ch or {}).get("message") or {}
+        for ch in _list(obj.get("choices")):
+            msg = _dict(_dict(ch).get("message"))
             if isinstance(msg.get("content"), str):
                 out.append(msg["content"])
-            for tc in msg.get("tool_calls") or ():
-                args = ((tc or {}).get("function") or {}).get("arguments")
+            for tc in _list(msg.get("tool_calls")):
+                args = _dict(_dict(tc).get("function")).get("arguments")
                 if isinstance(args, str):
                     out.append(args)
     elif surface is RESPONSES:
-        for item in obj.get("output") or ():
-            item = item or {}
+        for item in map(_dict, _list(obj.get("output"))):
             if isinstance(item.get("arguments"), str):
                 out.append(item["arguments"])
-            for part in item.get("content") or ():
-                if isinstance((part or {}).get("text"), str):
+            for part in map(_dict, _list(item.get("content"))):
+                if isinstance(part.get("text"), str):
                     out.append(part["text"])
     elif surface is MESSAGES:
-        for block in obj.get("content") or ():
-            block = block or {}
+        for block in map(_dict, _list(obj.get("content"))):
             if isinstance(block.get("text"), str):
                 out.append(block["text"])
             elif "input" in block:
@@ -186,14 +197,14 @@ class StreamMeter:
         return True
 
     def _chat(self, obj: dict) -> bool:
-        for ch in obj.get("choices") or ():
-            delta = (ch or {}).get("delta") or {}
+        for ch in _list(obj.get("choices")):
+            delta = _dict(_dict(ch).get("delta"))
             got = False
             if isinstance(delta.get("content"), str) and delta["content"]:
                 self.chars += len(delta["content"])
                 got = True
-            for tc in delta.get("tool_calls") or ():
-                args = ((tc or {}).get("function") or {}).get("arguments")
+            for tc in _list(delta.get("tool_calls")):
+                args = _dict(_dict(tc).get("function")).get("arguments")
                 if isinstance(args, str) and args:
                     self.chars += len(args)
                     got = True
@@ -207,28 +218,28 @@ class StreamMeter:
         return True
 
     def _responses(self, obj: dict) -> None:
-        kind = obj.get("type") or ""
+        kind = _str(obj.get("type"))
         if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
             self.chars += len(obj["delta"])
             self.deltas += 1
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
-            resp = obj.get("response") or {}
+            resp = _dict(obj.get("response"))
             if isinstance(resp.get("usage"), dict):
                 self.usage = openai_tokens(resp["usage"])
         elif kind == "error":
             self.errored = True
 
     def _messages(self, obj: dict) -> None:
-        kind = obj.get("type")
+        kind = _str(obj.get("type"))
         if kind == "content_block_delta":
-            d = obj.get("delta") or {}
+            d = _dict(obj.get("delta"))
             for k in ("text", "partial_json", "thinking"):
                 if isinstance(d.get(k), str):
                     self.chars += len(d[k])
                     self.deltas += 1
                     break
         elif kind == "message_start":
-            u = (obj.get("message") or {}).get("usage")
+            u = _dict(obj.get("message")).get("usage")
             if isinstance(u, dict):
                 self._merge(u)
         elif kind == "message_delta":
