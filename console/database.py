@@ -16,7 +16,9 @@ from flask import current_app
 from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
 from sqlalchemy.sql.dml import Insert
 
 from console.extensions import db
@@ -46,6 +48,36 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
     # NORMAL may lose a committed transaction on power loss; this is a money database.
     cur.execute("PRAGMA synchronous=FULL")
     cur.close()
+
+
+PING_IDLE_S = 5.0
+
+
+@event.listens_for(Pool, "checkin")
+def _note_checkin(_dbapi_conn, record) -> None:
+    record.info["checked_in_at"] = time.monotonic()
+
+
+@event.listens_for(Pool, "checkout")
+def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+    """Pessimistic disconnect handling for PostgreSQL, only where it can matter: a connection
+    that sat idle in the pool more than PING_IDLE_S (a server restart or an idle timeout may
+    have closed it) is pinged, and replaced if dead. Busy connections are handed out as they
+    are; one that breaks mid-use fails that use, as it would with a ping."""
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        return
+    last = record.info.get("checked_in_at")
+    if last is not None and time.monotonic() - last <= PING_IDLE_S:
+        return
+    try:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        try:
+            dbapi_conn.execute("SELECT 1")
+        finally:
+            dbapi_conn.autocommit = autocommit
+    except Exception as exc:
+        raise DisconnectionError("idle pooled connection is dead") from exc
 
 
 @event.listens_for(Engine, "begin")

@@ -115,3 +115,30 @@ def test_raw_tx_rolls_back_on_error_and_refuses_missing_parameters(ctx):
     with write_tx():
         db.session.add(FaqEntry(**_faq_row(datetime.now(UTC))))
     assert db.session.scalar(select(func.count()).select_from(FaqEntry)) == 1
+
+
+def test_a_dead_idle_connection_is_replaced_at_checkout(ctx):
+    """Without pool_pre_ping, a pooled connection idle past PING_IDLE_S is pinged at checkout and a
+    dead one replaced, so the next relay statement works after the server dropped it."""
+    import console.database as database
+    from console.database import raw_tx
+
+    if db.engine.dialect.name != "postgresql":
+        return  # a SQLite file connection cannot be dropped by a server
+    victim, killer = db.engine.raw_connection(), db.engine.raw_connection()
+    for c in (victim, killer):
+        c.dbapi_connection.autocommit = True
+    pid = victim.dbapi_connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+    for c in (victim, killer):
+        c.dbapi_connection.autocommit = False
+    victim.close()  # back to the pool, alive
+    killer.dbapi_connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    killer.dbapi_connection.commit()
+    killer.close()
+    saved, database.PING_IDLE_S = database.PING_IDLE_S, -1.0
+    try:
+        for _ in range(3):  # whichever pooled connection comes out, it works
+            with raw_tx(write=False) as tx:
+                assert tx.cursor.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        database.PING_IDLE_S = saved
