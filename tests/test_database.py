@@ -142,3 +142,25 @@ def test_a_dead_idle_connection_is_replaced_at_checkout(ctx):
                 assert tx.cursor.execute("SELECT 1").fetchone() == (1,)
     finally:
         database.PING_IDLE_S = saved
+
+
+def test_a_connection_that_breaks_in_use_is_not_handed_out_again(ctx):
+    """A raw_tx whose connection the server dropped fails once; the pool discards that connection
+    when it comes back (its reset fails), so the next raw_tx works without any ping."""
+    import pytest
+
+    import console.database as database
+    from console.database import raw_tx
+
+    if db.engine.dialect.name != "postgresql":
+        return  # a SQLite file connection cannot be dropped by a server
+    saved, database.PING_IDLE_S = database.PING_IDLE_S, 1e9  # never ping: only invalidation helps
+    try:
+        with pytest.raises(Exception):
+            with raw_tx(write=False) as tx:
+                tx.cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        for _ in range(db.engine.pool.size() + 1):
+            with raw_tx(write=False) as tx:
+                assert tx.cursor.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        database.PING_IDLE_S = saved
