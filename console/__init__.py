@@ -104,8 +104,9 @@ def _init_extensions(app: Flask) -> None:
     # are none; console views carry their own decorators, which check themselves). The relay
     # has its own per-key limits, so it skips the hook's per-request work entirely.
     hooks = app.before_request_funcs.setdefault(None, [])
-    check = hooks[hooks.index(limiter._check_request_limit)]
-    hooks[hooks.index(check)] = lambda: None if _is_relay() else check()
+    at = hooks.index(limiter._check_request_limit)
+    check = hooks[at]
+    hooks[at] = lambda: None if _is_relay() else check()
     login_manager.init_app(app)
     login_manager.session_protection = "strong"
     login_manager.login_view = "auth.login"

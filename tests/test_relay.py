@@ -173,6 +173,16 @@ def test_responses_and_embeddings_are_billed(relay):
     assert_consistent(acct.user_id)
 
 
+def test_relay_ignores_console_cookies(relay):
+    """/v1 gets no cookie session: a console cookie sent along is not decoded, nothing is set,
+    and the answer does not vary on it."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                    headers={**bearer(acct), "Cookie": "session=not-a-valid-signed-cookie"})
+    assert r.status_code == 200
+    assert "Set-Cookie" not in r.headers and "cookie" not in r.headers.get("Vary", "").lower()
+
+
 def test_client_credentials_never_reach_the_upstream(relay, upstream):
     """Only the channel key and allowlisted headers go upstream; no cookie, X-Forwarded-*, scenario header."""
     _app, client, acct = relay

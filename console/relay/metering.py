@@ -322,10 +322,12 @@ def _pg_admit_sql(columns: tuple[str, ...]) -> str:
     return sql
 
 
+# Columns a pending record leaves to their constant defaults, written explicitly on PostgreSQL.
+_PENDING_DEFAULTS = {c.name: c.default.arg for c in _U.columns if c.default is not None and c.default.is_scalar}
+
+
 def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
-    # Columns the record leaves to their constant defaults are written explicitly.
-    full = {**{c.name: c.default.arg for c in _U.columns
-               if c.name not in row and c.default is not None and c.default.is_scalar}, **row}
+    full = {**{k: v for k, v in _PENDING_DEFAULTS.items() if k not in row}, **row}
     params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
               "p_spend_limit": caller.spend_limit_micros}
