@@ -91,8 +91,10 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
     app, acct = prepare(db_url, upstream)
     log = tmp_path / "server.log"
     words = "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
-    with gunicorn(db_url, workers=2, env=ENV, log_path=log) as base:
-        oai = openai.OpenAI(base_url=f"{base}/v1", api_key=acct.key, max_retries=0)
+    # Every SDK client is closed: a pooled socket left to the garbage collector fails a later test.
+    with (gunicorn(db_url, workers=2, env=ENV, log_path=log) as base,
+          openai.OpenAI(base_url=f"{base}/v1", api_key=acct.key, max_retries=0) as oai,
+          anthropic.Anthropic(base_url=base, api_key=acct.key, max_retries=0) as claude):
         msg = [{"role": "user", "content": "hello"}]
         r = oai.chat.completions.create(model="gpt-4o-mini", messages=msg)
         assert r.choices[0].message.content == words
@@ -108,10 +110,10 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
             assert stream.get_final_response().output_text == words
         assert len(oai.embeddings.create(model="text-embedding-3-small", input=["a", "b"]).data) == 2
         assert {m.id for m in oai.models.list()} == {"gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small"}
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="sk-" + "n" * 43, max_retries=0).models.list()
+        with (pytest.raises(openai.AuthenticationError),
+              openai.OpenAI(base_url=f"{base}/v1", api_key="sk-" + "n" * 43, max_retries=0) as stranger):
+            stranger.models.list()
 
-        claude = anthropic.Anthropic(base_url=base, api_key=acct.key, max_retries=0)
         system = [{"type": "text", "text": "Be brief. " * 50, "cache_control": {"type": "ephemeral"}}]
         tools = [{"name": "search", "description": "d", "input_schema": {"type": "object"}}]
         m = claude.messages.create(model="claude-haiku-4-5", max_tokens=200, system=system, tools=tools,
