@@ -36,6 +36,10 @@ the key's spend limit (spent + open holds + this hold), and insert the pending r
 is a conditional `UPDATE … WHERE status='pending'` plus ledger.settle() in one transaction,
 so a call is settled exactly once, whoever (worker or reconciler) gets there first.
 
+On SQLite the admissions, settles and checkpoints of one worker process that arrive together
+share one transaction (database.GroupCommit), each in its own savepoint: a page that every call
+dirties is written to the WAL once per batch, and the write lock is taken once.
+
 On PostgreSQL each is a single statement, one network round trip: the settle a
 data-modifying CTE in autocommit, the admission one checked statement after `SELECT … FOR
 UPDATE` on the wallet, the four sent as one pipeline (see _admit_pg and _settle_pg).
@@ -56,7 +60,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from console import ledger, rate_storage_options
-from console.database import DatabaseBusy, Prepared, pg_locked_write, raw_tx
+from console.database import DatabaseBusy, GroupCommit, Prepared, pg_locked_write, raw_tx
 from console.extensions import db
 from console.models import ApiKey, UsageRecord, utcnow
 from console.pricing import Prices, Tokens, max_charge, quote
@@ -256,16 +260,10 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
     if db.engine.dialect.name == "postgresql":
         rid = _admit_pg(caller, hold, now, row)
         return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult, est.input_tokens())
-    # Not synced to disk on commit: a machine crash can lose this admission whole (hold and
-    # pending record together), never a ledger entry; the settle's durable commit syncs it.
-    with raw_tx(write=True, durable=False) as tx:
+    def job(tx):
         if hold:
-            try:
-                ledger.hold(caller.user_id, hold, tx=tx)
-            except ledger.InsufficientFunds as exc:
-                raise InsufficientBalance(exc.available_micros or 0, hold) from None
-        # The wallet row is now locked (PostgreSQL) / the write lock held (SQLite): counts below
-        # cannot race another admission of this user.
+            ledger.hold(caller.user_id, hold, tx=tx)
+        # The write lock is held: the counts below cannot race another admission of this user.
         in_flight = tx.scalar(_IN_FLIGHT, {"p_user": caller.user_id, "p_group": caller.group.id})
         if in_flight >= caller.group.concurrency_limit:
             raise _concurrency_refused(caller)
@@ -273,9 +271,25 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
             spent, open_holds = tx.first(_KEY_COMMITTED, {"p_key": caller.key_id})
             if (spent or 0) + (open_holds or 0) + hold > caller.spend_limit_micros:
                 raise _KeySpendLimit()
-        rid = tx.scalar(_INSERT_PENDING, row)
+        return tx.scalar(_INSERT_PENDING, row)
+
+    # Not synced to disk on commit: a machine crash can lose this admission whole (hold and
+    # pending record together), never a ledger entry; the settle's durable commit syncs it.
+    try:
+        rid = group_commit().run(job, durable=False)
+    except ledger.InsufficientFunds as exc:
+        raise InsufficientBalance(exc.available_micros or 0, hold) from None
     return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult,
                      est.input_tokens())
+
+
+def group_commit() -> GroupCommit:
+    """This process's SQLite group commit for relay writes (see database.GroupCommit)."""
+    ext = current_app.extensions
+    gc = ext.get("relay_group_commit")
+    if gc is None:
+        gc = ext["relay_group_commit"] = GroupCommit()
+    return gc
 
 
 def _concurrency_refused(caller: Caller) -> RelayError:
@@ -399,15 +413,16 @@ def settle(adm: Admission, out: Outcome) -> bool:
     if db.engine.dialect.name == "postgresql":
         with raw_tx(write=False) as tx:  # one statement, its own (durable) transaction
             return _settle_pg(tx, adm, record, charge, now)
-    with raw_tx(write=True, lock_wait_s=current_app.config["RECONCILE_GRACE_S"]) as tx:
-        done = tx.first(_SETTLE_RECORD, record)
-        if done is None:
+    def job(tx) -> bool:
+        if tx.first(_SETTLE_RECORD, record) is None:
             return False
         ledger.settle(adm.user_id, hold_micros=adm.hold_micros, charge_micros=charge,
                       ref_type="usage", ref_id=adm.request_id, tx=tx)
         if adm.key_id is not None:
             tx.execute(_KEY_SPENT, {"p_key": adm.key_id, "p_charge": charge, "p_now": now})
-    return True
+        return True
+
+    return group_commit().run(job, lock_wait_s=current_app.config["RECONCILE_GRACE_S"])
 
 
 # PostgreSQL: the whole settle above — claim the pending record, move the money, write the
@@ -433,8 +448,12 @@ def _settle_pg(tx, adm: Admission, record: dict, charge: int, now) -> bool:
 
 def checkpoint(record_id: int, delivered_chars: int) -> None:
     """Progress of a long stream, so a reconciler after a crash bills the output delivered."""
-    with raw_tx(write=True) as tx:
-        tx.execute(_CHECKPOINT, {"p_id": record_id, "delivered_chars": delivered_chars})
+    params = {"p_id": record_id, "delivered_chars": delivered_chars}
+    if db.engine.dialect.name == "postgresql":
+        with raw_tx(write=False) as tx:
+            tx.execute(_CHECKPOINT, params)
+    else:
+        group_commit().run(lambda tx: tx.execute(_CHECKPOINT, params) and None)
 
 
 def reconcile(limit: int = 500) -> int:

@@ -1,0 +1,165 @@
+"""SQLite group commit (database.GroupCommit): writes that arrive together share a transaction,
+each keeps its own outcome, and a failed commit fails every write of its batch."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from console.database import GroupCommit
+from console.extensions import db
+from tests.conftest import make_app
+
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    app = make_app(f"sqlite:///{tmp_path / 'gc.db'}")
+    with app.app_context():
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+            conn.exec_driver_sql("CREATE TABLE item (id INTEGER PRIMARY KEY, tag TEXT,"
+                                 " parent_id INTEGER REFERENCES parent(id))")
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def _insert(tag: str, parent_id: int | None = None):
+    def job(tx):
+        tx.cursor.execute("INSERT INTO item (tag, parent_id) VALUES (?, ?)", (tag, parent_id))
+        return id(tx)
+    return job
+
+
+def _tags(app) -> list[str]:
+    with app.app_context(), db.engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql("SELECT tag FROM item ORDER BY id")]
+
+
+class _Batch:
+    """A leader whose job blocks until `release()`, so followers queue up behind it and run
+    together in the next batch — deterministic batching without timing assumptions."""
+
+    def __init__(self, app, gc: GroupCommit):
+        self.app, self.gc = app, gc
+        self.go = threading.Event()
+        self.entered = threading.Event()
+        self.results: dict[str, object] = {}
+        self.threads: list[threading.Thread] = []
+
+        def leader_job(tx):
+            self.entered.set()
+            assert self.go.wait(10)
+            return id(tx)
+        self._spawn("leader", leader_job, True)
+        assert self.entered.wait(10)
+
+    def _spawn(self, name: str, job, durable: bool) -> None:
+        def run():
+            with self.app.app_context():
+                try:
+                    self.results[name] = self.gc.run(job, durable=durable)
+                except Exception as exc:
+                    self.results[name] = exc
+        t = threading.Thread(target=run)
+        t.start()
+        self.threads.append(t)
+
+    def follow(self, name: str, job, durable: bool = True) -> None:
+        queued = len(self.gc._queue)
+        self._spawn(name, job, durable)
+        deadline = time.monotonic() + 10
+        while len(self.gc._queue) == queued:
+            assert time.monotonic() < deadline, "the follower never queued"
+            time.sleep(0.001)
+
+    def release(self) -> dict[str, object]:
+        self.go.set()
+        for t in self.threads:
+            t.join(10)
+        return self.results
+
+
+def test_writes_that_arrive_together_share_one_transaction(sqlite_app):
+    gc = GroupCommit()
+    batch = _Batch(sqlite_app, gc)
+    for i in range(5):
+        batch.follow(f"f{i}", _insert(f"f{i}"))
+    res = batch.release()
+    followers = {res[f"f{i}"] for i in range(5)}
+    assert len(followers) == 1, "the five followers ran in one transaction"
+    assert sorted(_tags(sqlite_app)) == [f"f{i}" for i in range(5)]
+    assert not gc._queue and not gc._leading
+
+
+def test_a_failing_write_undoes_only_its_own_changes(sqlite_app):
+    gc = GroupCommit()
+    batch = _Batch(sqlite_app, gc)
+
+    def fails(tx):
+        tx.cursor.execute("INSERT INTO item (tag) VALUES ('doomed')")
+        raise ValueError("refused")
+    batch.follow("a", _insert("a"))
+    batch.follow("bad", fails)
+    batch.follow("b", _insert("b"))
+    res = batch.release()
+    assert isinstance(res["bad"], ValueError)
+    assert res["a"] == res["b"]  # same batch
+    assert _tags(sqlite_app) == ["a", "b"]
+
+
+def test_a_failed_commit_fails_every_write_of_the_batch(sqlite_app):
+    """A foreign-key violation deferred to COMMIT: the whole batch is rolled back and every
+    caller gets the error — none may believe its write landed."""
+    gc = GroupCommit()
+    batch = _Batch(sqlite_app, gc)
+
+    def orphan(tx):
+        tx.cursor.execute("PRAGMA defer_foreign_keys=ON")
+        tx.cursor.execute("INSERT INTO item (tag, parent_id) VALUES ('orphan', 42)")
+    batch.follow("a", _insert("a"))
+    batch.follow("orphan", orphan)
+    res = batch.release()
+    assert isinstance(res["a"], sqlite3.IntegrityError) and isinstance(res["orphan"], sqlite3.IntegrityError)
+    assert _tags(sqlite_app) == []
+    # The next write gets a fresh transaction.
+    with sqlite_app.app_context():
+        gc.run(_insert("after"))
+    assert _tags(sqlite_app) == ["after"]
+
+
+def test_a_batch_is_durable_when_any_write_asks_for_it(sqlite_app):
+    gc = GroupCommit()
+
+    def sync_mode(tx):
+        return tx.cursor.execute("PRAGMA synchronous").fetchone()[0]
+    batch = _Batch(sqlite_app, gc)
+    batch.follow("deferred", sync_mode, durable=False)
+    batch.follow("durable", sync_mode, durable=True)
+    res = batch.release()
+    assert res["deferred"] == res["durable"] == 2  # FULL
+    with sqlite_app.app_context():
+        assert gc.run(sync_mode, durable=False) == 1  # NORMAL when alone
+
+
+def test_many_threads_lose_no_write(sqlite_app):
+    gc = GroupCommit()
+    errors: list[BaseException] = []
+
+    def worker(n: int):
+        with sqlite_app.app_context():
+            for i in range(40):
+                try:
+                    gc.run(_insert(f"{n}-{i}"), durable=i % 2 == 0)
+                except BaseException as exc:
+                    errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(_tags(sqlite_app)) == sorted(f"{n}-{i}" for n in range(8) for i in range(40))
+    assert not gc._queue and not gc._leading
