@@ -54,12 +54,12 @@ def create_app(overrides: dict | None = None) -> Flask:
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     app.session_interface = _ConsoleSessions()
 
-    from console.database import sqlite_engine_options
+    from console.database import engine_options
 
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+        **engine_options(uri, app.config["DB_POOL_SIZE"], app.config["DB_MAX_OVERFLOW"]),
         **app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}),
-        **sqlite_engine_options(uri),
     }
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config.get("REDIS_URL") or "memory://")
     app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", rate_storage_options(app.config["RATELIMIT_STORAGE_URI"]))

@@ -49,6 +49,9 @@ class Config:
         # No pool_pre_ping: it costs a round trip on every checkout, three per relay call;
         # database.py pings only connections that sat idle (PING_IDLE_S).
         self.SQLALCHEMY_ENGINE_OPTIONS = {}
+        # Connections kept per worker process (see database.engine_options).
+        self.DB_POOL_SIZE = int(os.environ.get("DB_POOL_SIZE", "20"))
+        self.DB_MAX_OVERFLOW = int(os.environ.get("DB_MAX_OVERFLOW", "0"))
         self.REDIS_URL = os.environ.get("REDIS_URL") or None
         self.PORT = int(os.environ.get("PORT", "8000"))
         # Channel secrets are encrypted with a key derived from this (or SECRET_KEY).

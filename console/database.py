@@ -139,11 +139,22 @@ def _begin_immediate(fairy, wait_s: float | None = None) -> None:
         cur.close()
 
 
-def sqlite_engine_options(uri: str) -> dict:
+def engine_options(uri: str, pool_size: int, max_overflow: int) -> dict:
+    """Pool settings. A gevent worker runs many calls at once, each holding a connection for
+    a moment; with SQLAlchemy's default (5 kept, 10 more opened and closed on demand) a busy
+    worker kept opening connections — a new server process per connection on PostgreSQL, a
+    re-read schema and empty statement cache on SQLite. The pool keeps pool_size and opens no
+    more by default: a call beyond that waits for a free one (the relay answers 503 after the
+    pool timeout)."""
+    opts: dict = {}
     if uri.startswith("sqlite"):
         # The pool hands a connection to one thread at a time.
-        return {"connect_args": {"check_same_thread": False}}
-    return {}
+        opts["connect_args"] = {"check_same_thread": False}
+        if uri in ("sqlite://", "sqlite:///") or ":memory:" in uri:
+            return opts  # one shared in-memory connection; no queue pool
+    opts["pool_size"] = pool_size
+    opts["max_overflow"] = max_overflow
+    return opts
 
 
 @contextmanager

@@ -164,3 +164,26 @@ def test_a_connection_that_breaks_in_use_is_not_handed_out_again(ctx):
                 assert tx.cursor.execute("SELECT 1").fetchone() == (1,)
     finally:
         database.PING_IDLE_S = saved
+
+
+def test_the_pool_keeps_its_connections_through_bursts(ctx):
+    """Bursts of simultaneous checkouts up to the pool size reuse the same connections: a busy
+    worker does not open (PostgreSQL: fork a server process for) a connection per burst."""
+    from sqlalchemy import event
+
+    from flask import current_app
+
+    size = current_app.config["DB_POOL_SIZE"]
+    assert size >= 12
+    db.engine.dispose()
+    opened = []
+    listener = lambda *_: opened.append(1)  # noqa: E731
+    event.listen(db.engine, "connect", listener)
+    try:
+        for _ in range(4):
+            held = [db.engine.raw_connection() for _ in range(12)]
+            for conn in held:
+                conn.close()
+    finally:
+        event.remove(db.engine, "connect", listener)
+    assert len(opened) == 12
