@@ -324,10 +324,10 @@ def raw_tx(*, write: bool, durable: bool = True, lock_wait_s: float | None = Non
 
 
 class _Job:
-    __slots__ = ("fn", "durable", "deadline", "done", "lead", "result", "error")
+    __slots__ = ("work", "durable", "deadline", "done", "lead", "result", "error")
 
-    def __init__(self, fn, durable: bool, deadline: float):
-        self.fn, self.durable, self.deadline = fn, durable, deadline
+    def __init__(self, work, durable: bool, deadline: float):
+        self.work, self.durable, self.deadline = work, durable, deadline
         self.done = threading.Event()
         self.lead = False
         self.result = self.error = None
@@ -347,7 +347,7 @@ class GroupCommit:
     (a refused admission) undoes only its own writes; then one COMMIT, durable if any job asked
     for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
     leads. Works with threads and with gevent (whose monkey patching makes the Event
-    cooperative). A job is fn(tx) -> result; it must not call run() itself.
+    cooperative). A job is a function work(tx) -> result; it must not call run() itself.
     """
 
     def __init__(self):
@@ -355,9 +355,9 @@ class GroupCommit:
         self._queue: list[_Job] = []
         self._leading = False
 
-    def run(self, fn, *, durable: bool = True, lock_wait_s: float | None = None):
+    def run(self, work, *, durable: bool = True, lock_wait_s: float | None = None):
         wait = max(current_app.config.get("SQLITE_BUSY_TIMEOUT_MS", 5000) / 1000, lock_wait_s or 0)
-        job = _Job(fn, durable, time.monotonic() + wait)
+        job = _Job(work, durable, time.monotonic() + wait)
         with self._mutex:
             self._queue.append(job)
             job.lead = not self._leading
@@ -401,7 +401,7 @@ class GroupCommit:
                         continue
                     tx.cursor.execute("SAVEPOINT relay_job")
                     try:
-                        job.result = job.fn(tx)
+                        job.result = job.work(tx)
                     except Exception as exc:
                         tx.cursor.execute("ROLLBACK TO relay_job")
                         job.error = exc
@@ -415,22 +415,54 @@ class GroupCommit:
             raise
 
 
-def pg_locked_write(tx: RawTx, lock_sql: str, sql: str, params: dict, *, durable: bool) -> tuple | None:
-    """PostgreSQL, on a raw_tx(write=False): BEGIN; lock_sql; sql; COMMIT as one pipeline —
-    one network round trip — returning sql's first row.
+class PgGroupCommit(GroupCommit):
+    """Group commit for PostgreSQL: each job is ONE self-contained statement (sql, params,
+    lock_key), and the statements of one process that arrive together run as one pipelined
+    transaction — `BEGIN; lock_sql for every job's lock_key, in order; the statements; COMMIT`
+    — one network round trip and one commit for the batch.
 
-    READ COMMITTED gives each statement its own snapshot, so `sql` sees every transaction that
-    committed before lock_sql got its lock; and since the whole batch is on the server at once,
-    the lock is never held across a pause of this process (a busy gevent worker would otherwise
-    keep every other caller of that row waiting). An error aborts the batch; raw_tx rolls back.
+    lock_sql takes the rows every job writes first, sorted (a relay call locks its user's
+    wallet), so two batches never wait for each other in a cycle, and each statement sees every
+    transaction committed before the lock (READ COMMITTED) and the batch's own earlier
+    statements. A statement that fails aborts its batch, which is then retried one job per
+    transaction, so only the failing job sees the error. A job's result is its statement's
+    first row.
     """
-    conn = tx.cursor.connection
-    with conn.pipeline():
-        conn.execute("BEGIN")
-        if not durable:
-            conn.execute("SET LOCAL synchronous_commit TO OFF")
-        conn.execute(lock_sql, params)
-        cur = conn.cursor()
-        cur.execute(sql, params)
-        conn.execute("COMMIT")
-    return cur.fetchone()
+
+    def __init__(self, lock_sql: str):
+        super().__init__()
+        self._lock_sql = lock_sql
+
+    def _commit(self, batch: list[_Job]) -> None:
+        try:
+            self._pipeline(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].result, batch[0].error = None, exc
+                return
+            for job in batch:
+                try:
+                    self._pipeline([job])
+                except Exception as one:
+                    job.result, job.error = None, one
+        except BaseException:
+            for job in batch:
+                job.result, job.error = None, DatabaseBusy("the write batch was interrupted")
+            raise
+
+    def _pipeline(self, batch: list[_Job]) -> None:
+        with raw_tx(write=False) as tx:
+            conn = tx.cursor.connection
+            cursors = []
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                if not any(j.durable for j in batch):
+                    conn.execute("SET LOCAL synchronous_commit TO OFF")
+                conn.execute(self._lock_sql, {"keys": sorted({j.work[2] for j in batch})})
+                for job in batch:
+                    cur = conn.cursor()
+                    cur.execute(job.work[0], job.work[1])
+                    cursors.append(cur)
+                conn.execute("COMMIT")
+            for job, cur in zip(batch, cursors):
+                job.result, job.error = cur.fetchone(), None

@@ -360,9 +360,10 @@ def test_max_in_flight_counts_concurrent_streams(oai, upstream):
     """Ten parallel slow streams show up as max_in_flight 10, and in_flight drains to 0."""
     reset(upstream)
 
+    # Each stream lasts 2 s, so the ten overlap even when a busy machine starts the threads late.
     def consume(_):
         with oai.chat.completions.create(
-            model="fake-model@chunks=5,delay_ms=80", messages=USER_HI, stream=True
+            model="fake-model@chunks=5,delay_ms=400", messages=USER_HI, stream=True
         ) as stream:
             return "".join(c.choices[0].delta.content or "" for c in stream)
 

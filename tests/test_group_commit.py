@@ -163,3 +163,79 @@ def test_many_threads_lose_no_write(sqlite_app):
     assert not errors
     assert sorted(_tags(sqlite_app)) == sorted(f"{n}-{i}" for n in range(8) for i in range(40))
     assert not gc._queue and not gc._leading
+
+
+# ---- PostgreSQL: one pipelined transaction per batch of statements -------------------------
+
+@pytest.fixture
+def pg_app():
+    from tests.conftest import need_postgres, reset_postgres
+
+    url = need_postgres()
+    reset_postgres(url)
+    app = make_app(url)
+    with app.app_context():
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+            conn.exec_driver_sql("INSERT INTO parent VALUES (1), (2), (3)")
+            conn.exec_driver_sql("CREATE TABLE item (id SERIAL PRIMARY KEY, tag TEXT,"
+                                 " parent_id INTEGER REFERENCES parent(id))")
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+_PG_LOCK = "SELECT 1 FROM parent WHERE id = ANY(%(keys)s) ORDER BY id FOR UPDATE"
+_PG_INSERT = "INSERT INTO item (tag, parent_id) VALUES (%(tag)s, %(parent)s) RETURNING id, txid_current()"
+
+
+@pytest.mark.parametrize("with_failure", [False, True])
+def test_postgres_statements_that_arrive_together_share_one_transaction(pg_app, with_failure):
+    """The leader's batch waits on a row lock held elsewhere while more statements queue; they
+    then run as one transaction. When one of them fails, the batch is retried one statement per
+    transaction: only that one fails, the others land."""
+    import psycopg
+
+    from console.database import PgGroupCommit
+
+    gc = PgGroupCommit(_PG_LOCK)
+    with pg_app.app_context():
+        url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    blocker = psycopg.connect(url, autocommit=False)
+    blocker.execute("SELECT 1 FROM parent WHERE id = 1 FOR UPDATE")
+    results: dict[str, object] = {}
+
+    def call(name: str, tag: str, parent: int):
+        with pg_app.app_context():
+            try:
+                results[name] = gc.run((_PG_INSERT, {"tag": tag, "parent": parent}, parent))
+            except Exception as exc:
+                results[name] = exc
+    threads = [threading.Thread(target=call, args=("leader", "leader", 1))]
+    threads[0].start()
+    deadline = time.monotonic() + 10
+    with psycopg.connect(url, autocommit=True) as probe:
+        while not probe.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the leader never waited for the lock"
+            time.sleep(0.01)
+    followers = (("a", 2), ("bad", 99), ("b", 3)) if with_failure else (("a", 2), ("b", 3))
+    for name, parent in followers:
+        queued = len(gc._queue)
+        t = threading.Thread(target=call, args=(name, name, parent))
+        t.start()
+        threads.append(t)
+        while len(gc._queue) == queued:
+            assert time.monotonic() < deadline, "the follower never queued"
+            time.sleep(0.001)
+    blocker.rollback()
+    blocker.close()
+    for t in threads:
+        t.join(10)
+    if with_failure:
+        assert isinstance(results["bad"], psycopg.errors.ForeignKeyViolation)
+        assert len({results["a"][1], results["b"][1], results["leader"][1]}) == 3
+    else:
+        assert results["a"][1] == results["b"][1] != results["leader"][1]  # a and b: one transaction
+    with pg_app.app_context(), db.engine.connect() as conn:
+        assert sorted(r[0] for r in conn.exec_driver_sql("SELECT tag FROM item")) == ["a", "b", "leader"]
+    assert not gc._queue and not gc._leading

@@ -40,9 +40,10 @@ On SQLite the admissions, settles and checkpoints of one worker process that arr
 share one transaction (database.GroupCommit), each in its own savepoint: a page that every call
 dirties is written to the WAL once per batch, and the write lock is taken once.
 
-On PostgreSQL each is a single statement, one network round trip: the settle a
-data-modifying CTE in autocommit, the admission one checked statement after `SELECT … FOR
-UPDATE` on the wallet, the four sent as one pipeline (see _admit_pg and _settle_pg).
+On PostgreSQL each is a single statement — the settle a data-modifying CTE, the admission one
+checked statement — run after `SELECT … FOR UPDATE` on the user's wallet; the statements of
+one worker that arrive together share that transaction, sent as one pipeline: one network
+round trip and one commit per batch (database.PgGroupCommit; see _admit_pg and _settle_pg).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from console import ledger, rate_storage_options
-from console.database import DatabaseBusy, GroupCommit, Prepared, pg_locked_write, raw_tx
+from console.database import DatabaseBusy, GroupCommit, PgGroupCommit, Prepared, raw_tx
 from console.extensions import db
 from console.models import ApiKey, UsageRecord, utcnow
 from console.pricing import Prices, Tokens, max_charge, quote
@@ -284,11 +285,14 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
 
 
 def group_commit() -> GroupCommit:
-    """This process's SQLite group commit for relay writes (see database.GroupCommit)."""
+    """This process's group commit for relay writes: on SQLite jobs are functions of the
+    transaction, on PostgreSQL single statements run after locking their user's wallet
+    (see database.GroupCommit, database.PgGroupCommit)."""
     ext = current_app.extensions
     gc = ext.get("relay_group_commit")
     if gc is None:
-        gc = ext["relay_group_commit"] = GroupCommit()
+        pg = db.engine.dialect.name == "postgresql"
+        gc = ext["relay_group_commit"] = PgGroupCommit(_PG_LOCK_WALLETS) if pg else GroupCommit()
     return gc
 
 
@@ -303,12 +307,12 @@ class _KeySpendLimit(RelayError):
         super().__init__(402, "This key's spend limit is reached.", code="key_spend_limit")
 
 
-# PostgreSQL: the admission above as ONE statement after the wallet row is locked (see
-# database.pg_locked_write): the counts read a snapshot taken after the lock, the hold happens
+# PostgreSQL: the admission above as ONE statement, run after the wallet row is locked (see
+# database.PgGroupCommit): the counts read a snapshot taken after the lock, the hold happens
 # only if every check passes, and the pending record only if the hold happened. The row it
 # returns says which check refused. Pending-record columns are cast to their column types
 # (parameters in an INSERT … SELECT list would otherwise be typed as text).
-_PG_LOCK_WALLET = "SELECT 1 FROM wallets WHERE user_id = %(p_user)s FOR UPDATE"
+_PG_LOCK_WALLETS = "SELECT 1 FROM wallets WHERE user_id = ANY(%(keys)s) ORDER BY user_id FOR UPDATE"
 _PG_CHECKS = """
 n AS (SELECT count(*) AS c FROM usage_records
       WHERE user_id = %(p_user)s AND group_id = %(p_group)s AND status = 'pending'),
@@ -345,8 +349,7 @@ def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
     params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
               "p_spend_limit": caller.spend_limit_micros}
-    with raw_tx(write=False) as tx:
-        found = pg_locked_write(tx, _PG_LOCK_WALLET, _pg_admit_sql(tuple(full)), params, durable=False)
+    found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id), durable=False)
     rid, in_flight, _key_committed, available = found
     if rid is not None:
         return rid
@@ -411,8 +414,7 @@ def settle(adm: Admission, out: Outcome) -> bool:
     # The call has been served: wait for the write lock as long as it takes within the
     # reconciler's grace, so the bill is the actual usage rather than the reconciler's estimate.
     if db.engine.dialect.name == "postgresql":
-        with raw_tx(write=False) as tx:  # one statement, its own (durable) transaction
-            return _settle_pg(tx, adm, record, charge, now)
+        return _settle_pg(adm, record, charge, now)
     def job(tx) -> bool:
         if tx.first(_SETTLE_RECORD, record) is None:
             return False
@@ -438,11 +440,11 @@ _PG_SETTLE = (
 )
 
 
-def _settle_pg(tx, adm: Admission, record: dict, charge: int, now) -> bool:
-    claimed, _ = tx.cursor.execute(_PG_SETTLE, {
+def _settle_pg(adm: Admission, record: dict, charge: int, now) -> bool:
+    claimed, _ = group_commit().run((_PG_SETTLE, {
         **record, "p_key": adm.key_id, "s_user": adm.user_id, "s_hold": adm.hold_micros,
         "s_charge": charge, "s_ref_type": "usage", "s_ref_id": adm.request_id, "s_now": now,
-    }).fetchone()
+    }, adm.user_id))
     return bool(claimed)
 
 
@@ -453,7 +455,8 @@ def checkpoint(record_id: int, delivered_chars: int) -> None:
         with raw_tx(write=False) as tx:
             tx.execute(_CHECKPOINT, params)
     else:
-        group_commit().run(lambda tx: tx.execute(_CHECKPOINT, params) and None)
+        # Progress only: a machine crash may lose the latest one, never money.
+        group_commit().run(lambda tx: tx.execute(_CHECKPOINT, params) and None, durable=False)
 
 
 def reconcile(limit: int = 500) -> int:
