@@ -417,9 +417,10 @@ class GroupCommit:
 
 class PgGroupCommit(GroupCommit):
     """Group commit for PostgreSQL: each job is ONE self-contained statement (sql, params,
-    lock_key), and the statements of one process that arrive together run as one pipelined
-    transaction — `BEGIN; lock_sql for every job's lock_key, in order; the statements; COMMIT`
-    — one network round trip and one commit for the batch.
+    lock_key, lock_alone), and the statements of one process that arrive together run as one
+    pipelined transaction — `BEGIN; lock_sql for every job's lock_key, in order; the statements;
+    COMMIT` — one network round trip and one commit for the batch. A job alone with lock_alone
+    false (an UPDATE that takes its own row locks) runs as one statement in autocommit.
 
     lock_sql takes the rows every job writes first, sorted (a relay call locks its user's
     wallet), so two batches never wait for each other in a cycle, and each statement sees every
@@ -437,8 +438,13 @@ class PgGroupCommit(GroupCommit):
         try:
             self._pipeline(batch)
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].result, batch[0].error = None, exc
+            # The server refused a statement (it names an SQLSTATE): find whose. Anything else —
+            # no connection within the pool timeout, a connection lost or shut down — would
+            # fail each job alone just the same.
+            state = getattr(exc, "sqlstate", None) or ""
+            if len(batch) == 1 or not state or state[:2] in ("08", "57"):
+                for job in batch:
+                    job.result, job.error = None, exc
                 return
             for job in batch:
                 try:
@@ -452,6 +458,12 @@ class PgGroupCommit(GroupCommit):
 
     def _pipeline(self, batch: list[_Job]) -> None:
         with raw_tx(write=False) as tx:
+            if len(batch) == 1 and not batch[0].work[3]:
+                # Alone, a statement that locks what it writes by itself needs no explicit lock
+                # and no transaction around it: one statement in autocommit (durable).
+                job = batch[0]
+                job.result, job.error = tx.cursor.execute(job.work[0], job.work[1]).fetchone(), None
+                return
             conn = tx.cursor.connection
             cursors = []
             with conn.pipeline():

@@ -169,9 +169,8 @@ def test_a_connection_that_breaks_in_use_is_not_handed_out_again(ctx):
 def test_the_pool_keeps_its_connections_through_bursts(ctx):
     """Bursts of simultaneous checkouts up to the pool size reuse the same connections: a busy
     worker does not open (PostgreSQL: fork a server process for) a connection per burst."""
-    from sqlalchemy import event
-
     from flask import current_app
+    from sqlalchemy import event
 
     size = current_app.config["DB_POOL_SIZE"]
     assert size >= 12

@@ -349,7 +349,7 @@ def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
     params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
               "p_spend_limit": caller.spend_limit_micros}
-    found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id), durable=False)
+    found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id, True), durable=False)
     rid, in_flight, _key_committed, available = found
     if rid is not None:
         return rid
@@ -444,7 +444,7 @@ def _settle_pg(adm: Admission, record: dict, charge: int, now) -> bool:
     claimed, _ = group_commit().run((_PG_SETTLE, {
         **record, "p_key": adm.key_id, "s_user": adm.user_id, "s_hold": adm.hold_micros,
         "s_charge": charge, "s_ref_type": "usage", "s_ref_id": adm.request_id, "s_now": now,
-    }, adm.user_id))
+    }, adm.user_id, False))
     return bool(claimed)
 
 
