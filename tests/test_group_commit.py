@@ -13,14 +13,19 @@ from console.extensions import db
 from tests.conftest import make_app
 
 
+def _scratch_app(url: str, *ddl: str):
+    """An app on `url` with two scratch tables: parent, and item referencing it."""
+    app = make_app(url)
+    with app.app_context(), db.engine.begin() as conn:
+        for statement in ddl:
+            conn.exec_driver_sql(statement)
+    return app
+
+
 @pytest.fixture
 def sqlite_app(tmp_path):
-    app = make_app(f"sqlite:///{tmp_path / 'gc.db'}")
-    with app.app_context():
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
-            conn.exec_driver_sql("CREATE TABLE item (id INTEGER PRIMARY KEY, tag TEXT,"
-                                 " parent_id INTEGER REFERENCES parent(id))")
+    app = _scratch_app(f"sqlite:///{tmp_path / 'gc.db'}", "CREATE TABLE parent (id INTEGER PRIMARY KEY)",
+                       "CREATE TABLE item (id INTEGER PRIMARY KEY, tag TEXT, parent_id INTEGER REFERENCES parent(id))")
     yield app
     with app.app_context():
         db.engine.dispose()
@@ -173,13 +178,8 @@ def pg_app():
 
     url = need_postgres()
     reset_postgres(url)
-    app = make_app(url)
-    with app.app_context():
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
-            conn.exec_driver_sql("INSERT INTO parent VALUES (1), (2), (3)")
-            conn.exec_driver_sql("CREATE TABLE item (id SERIAL PRIMARY KEY, tag TEXT,"
-                                 " parent_id INTEGER REFERENCES parent(id))")
+    app = _scratch_app(url, "CREATE TABLE parent (id INTEGER PRIMARY KEY)", "INSERT INTO parent VALUES (1), (2), (3)",
+                       "CREATE TABLE item (id SERIAL PRIMARY KEY, tag TEXT, parent_id INTEGER REFERENCES parent(id))")
     yield app
     with app.app_context():
         db.engine.dispose()
