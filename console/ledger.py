@@ -183,6 +183,11 @@ def settle(user_id: int, *, hold_micros: int, charge_micros: int, ref_type: str,
         return Movement(entry, row[1], row[2])
 
 
+# PostgreSQL: lock the wallets of a batch of relay calls before their statements, in user
+# order, so two batches never wait for each other in a cycle. Parameter: keys (user ids).
+PG_LOCK_WALLETS = "SELECT 1 FROM wallets WHERE user_id = ANY(%(keys)s) ORDER BY user_id FOR UPDATE"
+
+
 # PostgreSQL: hold() above as a CTE named "h", for a caller's one-statement admission; it
 # holds only when the caller's extra condition (SQL) is true too, and returns the wallet id.
 # Parameters: p_user, p_hold, p_now. A hold of 0 always passes the balance check.

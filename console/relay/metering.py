@@ -292,7 +292,7 @@ def group_commit() -> GroupCommit:
     gc = ext.get("relay_group_commit")
     if gc is None:
         pg = db.engine.dialect.name == "postgresql"
-        gc = ext["relay_group_commit"] = PgGroupCommit(_PG_LOCK_WALLETS) if pg else GroupCommit()
+        gc = ext["relay_group_commit"] = PgGroupCommit(ledger.PG_LOCK_WALLETS) if pg else GroupCommit()
     return gc
 
 
@@ -312,7 +312,6 @@ class _KeySpendLimit(RelayError):
 # only if every check passes, and the pending record only if the hold happened. The row it
 # returns says which check refused. Pending-record columns are cast to their column types
 # (parameters in an INSERT … SELECT list would otherwise be typed as text).
-_PG_LOCK_WALLETS = "SELECT 1 FROM wallets WHERE user_id = ANY(%(keys)s) ORDER BY user_id FOR UPDATE"
 _PG_CHECKS = """
 n AS (SELECT count(*) AS c FROM usage_records
       WHERE user_id = %(p_user)s AND group_id = %(p_group)s AND status = 'pending'),
