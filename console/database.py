@@ -417,10 +417,10 @@ class GroupCommit:
 
 class PgGroupCommit(GroupCommit):
     """Group commit for PostgreSQL: each job is ONE self-contained statement (sql, params,
-    lock_key, lock_alone), and the statements of one process that arrive together run as one
-    pipelined transaction — `BEGIN; lock_sql for every job's lock_key, in order; the statements;
-    COMMIT` — one network round trip and one commit for the batch. A job alone with lock_alone
-    false (an UPDATE that takes its own row locks) runs as one statement in autocommit.
+    lock_key) that takes the row locks it needs itself, and the statements of one process that
+    arrive together run as one pipelined transaction — `BEGIN; lock_sql for every job's
+    lock_key, in order; the statements; COMMIT` — one network round trip and one commit for the
+    batch. A job alone runs as its one statement in autocommit: no BEGIN, lock or COMMIT.
 
     lock_sql takes the rows every job writes first, sorted (a relay call locks its user's
     wallet), so two batches never wait for each other in a cycle, and each statement sees every
@@ -428,6 +428,11 @@ class PgGroupCommit(GroupCommit):
     statements. A statement that fails aborts its batch, which is then retried one job per
     transaction, so only the failing job sees the error. A job's result is its statement's
     first row.
+
+    Durability: a batch with no durable job commits with synchronous_commit off. A statement
+    alone decides for itself: it receives one more parameter, `async_commit`, true when its job
+    asked for no durability, and may then call set_config('synchronous_commit', 'off', true)
+    for its own transaction (in a batch `async_commit` is false and the batch decides).
     """
 
     def __init__(self, lock_sql: str):
@@ -458,11 +463,10 @@ class PgGroupCommit(GroupCommit):
 
     def _pipeline(self, batch: list[_Job]) -> None:
         with raw_tx(write=False) as tx:
-            if len(batch) == 1 and not batch[0].work[3]:
-                # Alone, a statement that locks what it writes by itself needs no explicit lock
-                # and no transaction around it: one statement in autocommit (durable).
+            if len(batch) == 1:
                 job = batch[0]
-                job.result, job.error = tx.cursor.execute(job.work[0], job.work[1]).fetchone(), None
+                params = {**job.work[1], "async_commit": not job.durable}
+                job.result, job.error = tx.cursor.execute(job.work[0], params).fetchone(), None
                 return
             conn = tx.cursor.connection
             cursors = []
@@ -473,7 +477,7 @@ class PgGroupCommit(GroupCommit):
                 conn.execute(self._lock_sql, {"keys": sorted({j.work[2] for j in batch})})
                 for job in batch:
                     cur = conn.cursor()
-                    cur.execute(job.work[0], job.work[1])
+                    cur.execute(job.work[0], {**job.work[1], "async_commit": False})
                     cursors.append(cur)
                 conn.execute("COMMIT")
             for job, cur in zip(batch, cursors):

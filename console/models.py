@@ -443,3 +443,33 @@ def _attach_append_only(table) -> None:
 
 for _t in APPEND_ONLY_TABLES:
     _attach_append_only(db.metadata.tables[_t])
+
+
+# ---- PostgreSQL: the relay admission's locked counts --------------------------------------
+# One statement admits a relay call on PostgreSQL (relay.metering). Its concurrency and spend
+# checks must count the pending records committed up to the moment the user's wallet is
+# locked, but a statement reads one snapshot taken when it starts, before any lock it waits
+# for. A VOLATILE function takes a fresh snapshot for each query it runs, so this one locks the
+# wallet first and then counts: the caller's statement stays a single round trip.
+
+RELAY_ADMISSION_COUNTS_SQL = """\
+CREATE OR REPLACE FUNCTION relay_admission_counts(p_user bigint, p_group bigint, p_key bigint,
+                                                  p_async boolean)
+RETURNS TABLE (in_flight bigint, key_committed bigint)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  IF p_async THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
+  END IF;
+  PERFORM 1 FROM wallets WHERE user_id = p_user FOR UPDATE;
+  RETURN QUERY SELECT
+    (SELECT count(*) FROM usage_records
+     WHERE user_id = p_user AND group_id = p_group AND status = 'pending'),
+    (SELECT k.spent_micros + COALESCE((SELECT sum(u.hold_micros) FROM usage_records u
+                                        WHERE u.key_id = p_key AND u.status = 'pending'), 0)::bigint
+     FROM api_keys k WHERE k.id = p_key);
+END
+$$"""
+
+event.listen(db.metadata.tables["usage_records"], "after_create",
+             DDL(RELAY_ADMISSION_COUNTS_SQL.replace("%", "%%")).execute_if(dialect="postgresql"))

@@ -208,7 +208,7 @@ def test_postgres_statements_that_arrive_together_share_one_transaction(pg_app, 
     def call(name: str, tag: str, parent: int):
         with pg_app.app_context():
             try:
-                results[name] = gc.run((_PG_INSERT, {"tag": tag, "parent": parent}, parent, True))
+                results[name] = gc.run((_PG_INSERT, {"tag": tag, "parent": parent}, parent))
             except Exception as exc:
                 results[name] = exc
     threads = [threading.Thread(target=call, args=("leader", "leader", 1))]

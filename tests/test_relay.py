@@ -452,6 +452,60 @@ def test_group_concurrency_limit_counts_pending_records(relay):
     assert len(records()) == 1
 
 
+def test_admission_counts_what_committed_while_it_waited_for_the_wallet(relay):
+    """An admission that waits for the wallet lock counts the pending record committed by the
+    transaction it waited for (PostgreSQL: the counts are taken after the lock, not from the
+    statement's starting snapshot): with a limit of 1 it is refused, never a second call in flight."""
+    import threading
+    import time
+
+    app, client, acct = relay
+    from console.models import Group
+    from console.relay.auth import invalidate_catalog
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert r.status_code == 200
+    with write_tx():
+        db.session.execute(update(Group).values(concurrency_limit=1))
+    invalidate_catalog()
+    cols = [c.name for c in UsageRecord.__table__.columns if c.name != "id"]
+    copy = ", ".join({"request_id": "'race-blocker'", "status": "'pending'"}.get(c, c) for c in cols)
+    insert_pending = (f"INSERT INTO usage_records ({', '.join(cols)}) SELECT {copy} FROM usage_records "
+                      f"WHERE id = (SELECT max(id) FROM usage_records)")
+    pg = db.engine.dialect.name == "postgresql"
+    if pg:
+        import psycopg
+        blocker = psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+        blocker.execute("SELECT 1 FROM wallets WHERE user_id = %s FOR UPDATE", (acct.user_id,))
+    else:
+        import sqlite3
+        blocker = sqlite3.connect(db.engine.url.database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+    db.session.remove()
+    result = {}
+
+    def call():
+        with app.app_context():
+            result["r"] = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                                      headers=bearer(acct))
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 10
+    if pg:
+        with psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                             autocommit=True) as probe:
+            while not probe.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+                assert time.monotonic() < deadline, "the admission never waited for the wallet lock"
+                time.sleep(0.01)
+    else:
+        time.sleep(0.5)  # the admission is polling for the write lock by now
+    blocker.execute(insert_pending)
+    blocker.execute("COMMIT") if not pg else blocker.commit()
+    blocker.close()
+    t.join(15)
+    assert result["r"].status_code == 429, result["r"].get_data(as_text=True)
+    assert [x.status for x in records()].count("pending") == 1
+
+
 def test_key_spend_limit_counts_open_holds(relay):
     """A key's spend limit refuses a call whose hold would pass it (402)."""
     _app, client, acct = relay

@@ -68,3 +68,22 @@ def test_postgres_truncate_is_refused():
     with engine.connect() as conn, pytest.raises(DatabaseError, match="append-only"):
         conn.execute(text("TRUNCATE ledger_entries"))
     engine.dispose()
+
+
+def test_migration_installs_the_models_relay_function(migrated_app):
+    """`flask db upgrade` installs relay_admission_counts() as create_all does (PostgreSQL),
+    from a copy in the migration that must not drift from the models."""
+    import importlib.util
+    from pathlib import Path
+
+    from console.models import RELAY_ADMISSION_COUNTS_SQL
+
+    path = Path(__file__).parent.parent / "migrations" / "versions" / "0002_relay_admission_counts.py"
+    spec = importlib.util.spec_from_file_location("migration_0002", path)
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert migration.FUNCTION == RELAY_ADMISSION_COUNTS_SQL
+    with migrated_app.app_context():
+        found = db.session.scalar(text("SELECT count(*) FROM pg_proc WHERE proname = 'relay_admission_counts'")) \
+            if db.engine.dialect.name == "postgresql" else 1
+    assert found == 1

@@ -40,10 +40,11 @@ On SQLite the admissions, settles and checkpoints of one worker process that arr
 share one transaction (database.GroupCommit), each in its own savepoint: a page that every call
 dirties is written to the WAL once per batch, and the write lock is taken once.
 
-On PostgreSQL each is a single statement — the settle a data-modifying CTE, the admission one
-checked statement — run after `SELECT … FOR UPDATE` on the user's wallet; the statements of
-one worker that arrive together share that transaction, sent as one pipeline: one network
-round trip and one commit per batch (database.PgGroupCommit; see _admit_pg and _settle_pg).
+On PostgreSQL each is a single statement that locks the user's wallet itself — the settle a
+data-modifying CTE, the admission one checked statement — run alone in autocommit; the
+statements of one worker that arrive together share one transaction that locks their wallets
+first, sent as one pipeline: one network round trip and one commit per batch
+(database.PgGroupCommit; see _admit_pg and _settle_pg).
 """
 from __future__ import annotations
 
@@ -307,17 +308,18 @@ class _KeySpendLimit(RelayError):
         super().__init__(402, "This key's spend limit is reached.", code="key_spend_limit")
 
 
-# PostgreSQL: the admission above as ONE statement, run after the wallet row is locked (see
-# database.PgGroupCommit): the counts read a snapshot taken after the lock, the hold happens
-# only if every check passes, and the pending record only if the hold happened. The row it
-# returns says which check refused. Pending-record columns are cast to their column types
-# (parameters in an INSERT … SELECT list would otherwise be typed as text).
+# PostgreSQL: the admission above as ONE statement. relay_admission_counts() (models.py) locks
+# the user's wallet and then counts with a snapshot taken after the lock, so the counts see
+# every admission committed before it; the hold happens only if every check passes, and the
+# pending record only if the hold happened. The row it returns says which check refused.
+# Pending-record columns are cast to their column types (parameters in an INSERT … SELECT list
+# would otherwise be typed as text). Alone it runs in autocommit: one round trip, committed
+# without waiting for the WAL flush when async_commit is true (see database.PgGroupCommit).
 _PG_CHECKS = """
-n AS (SELECT count(*) AS c FROM usage_records
-      WHERE user_id = %(p_user)s AND group_id = %(p_group)s AND status = 'pending'),
-ks AS (SELECT k.spent_micros + COALESCE((SELECT sum(hold_micros) FROM usage_records
-                                          WHERE key_id = %(p_key)s AND status = 'pending'), 0) AS c
-       FROM api_keys k WHERE k.id = %(p_key)s)"""
+c AS (SELECT in_flight, key_committed
+      FROM relay_admission_counts(%(p_user)s, %(p_group)s, %(p_limited_key)s, %(async_commit)s)),
+n AS (SELECT in_flight AS c FROM c),
+ks AS (SELECT key_committed AS c FROM c)"""
 _PG_CONDITION = ("(SELECT c FROM n) < %(p_limit)s AND (%(p_spend_limit)s::bigint IS NULL"
                  " OR (SELECT c FROM ks) + %(p_hold)s <= %(p_spend_limit)s)")
 _PG_ADMIT: dict[tuple, str] = {}
@@ -345,10 +347,12 @@ _PENDING_DEFAULTS = {c.name: c.default.arg for c in _U.columns if c.default is n
 
 def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
     full = {**{k: v for k, v in _PENDING_DEFAULTS.items() if k not in row}, **row}
-    params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
+    params = {**full, "p_user": caller.user_id, "p_group": caller.group.id,
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
-              "p_spend_limit": caller.spend_limit_micros}
-    found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id, True), durable=False)
+              "p_spend_limit": caller.spend_limit_micros,
+              # The key's open holds are summed only when it has a spend limit to check.
+              "p_limited_key": caller.key_id if caller.spend_limit_micros is not None else None}
+    found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id), durable=False)
     rid, in_flight, _key_committed, available = found
     if rid is not None:
         return rid
@@ -443,7 +447,7 @@ def _settle_pg(adm: Admission, record: dict, charge: int, now) -> bool:
     claimed, _ = group_commit().run((_PG_SETTLE, {
         **record, "p_key": adm.key_id, "s_user": adm.user_id, "s_hold": adm.hold_micros,
         "s_charge": charge, "s_ref_type": "usage", "s_ref_id": adm.request_id, "s_now": now,
-    }, adm.user_id, False))
+    }, adm.user_id))
     return bool(claimed)
 
 
