@@ -202,8 +202,23 @@ def _register_errors(app: Flask) -> None:
         if _is_relay():
             from console.relay.errors import error_response
 
+            if _database_unavailable(e):
+                # No database connection (server down, too many clients, pool timeout, a lock
+                # held too long): temporary, and nothing was written; API clients retry on 503.
+                return error_response(503, "The service is busy; retry in a moment.", code="overloaded",
+                                      headers={"Retry-After": "1"})
             return error_response(500, "Internal error")
         return console_error(500, "Something went wrong", "The error was logged. Try again in a moment.")
+
+
+def _database_unavailable(e: Exception) -> bool:
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(e, (sa_exc.OperationalError, sa_exc.TimeoutError, psycopg.OperationalError,
+                          sqlite3.OperationalError))
 
 
 def _register_templating(app: Flask) -> None:

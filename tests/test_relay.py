@@ -636,3 +636,24 @@ def test_admin_channel_page_adds_and_disables_without_showing_the_secret(relay):
     assert r.status_code == 200 and b'id="channel-list"' in r.data
     db.session.expire_all()
     assert db.session.get(Channel, ch.id).status == "disabled"
+
+
+@pytest.mark.parametrize("path,headers", [
+    ("/v1/chat/completions", {}),
+    ("/v1/messages", {"anthropic-version": "2023-06-01"}),
+])
+def test_database_unreachable_is_503_with_retry_after_not_500(path, headers):
+    """No database connection (server down, too many clients): the client is told to retry
+    (503 + Retry-After, in the API's own shape), never a 500."""
+    app = make_app(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere")
+    with app.app_context():
+        client = app.test_client()
+        r = client.post(path, json={"model": "gpt-4o-mini", "max_tokens": 5, "messages": HI},
+                        headers={"Authorization": "Bearer sk-" + "a" * 43, **headers})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        body = r.get_json()
+        if headers:
+            assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+        else:
+            assert body["error"]["code"] == "overloaded"
+        db.engine.dispose()
