@@ -109,3 +109,48 @@ def test_usage_readers_accept_any_upstream_json(event, surface):
         assert meter.feed(b"data: " + data + b"\n\n") in ([], [b"data: " + data + b"\n\n"])
         text_from_json(surf, obj)
         usage_from_json(surf, obj)
+
+
+_DELTA = st.text(max_size=6).map(lambda t: {"choices": [{"index": 0, "delta": {"content": t}}]})
+_USAGE = st.integers(0, 10**6).map(lambda n: {"choices": [], "usage": {"prompt_tokens": n, "completion_tokens": 3}})
+_EVENT = st.one_of(
+    st.one_of(_DELTA, _USAGE).map(lambda o: b"data: " + json.dumps(o).encode() + b"\n\n"),
+    st.one_of(_DELTA, _USAGE).map(lambda o: b"data:" + json.dumps(o).encode() + b"\r\n\r\n"),
+    st.just(b"data: [DONE]\n\n"), st.just(b": keep-alive\n\n"),
+    st.tuples(st.text(max_size=5), _DELTA).map(
+        lambda p: f"event: {p[0]!r}\ndata: ".encode() + json.dumps(p[1]).encode() + b"\n\n"),
+    st.binary(max_size=12),  # anything else, incl. stray newlines and half events
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(events=st.lists(_EVENT, max_size=8), cuts=st.lists(st.integers(0, 400), max_size=10),
+       strip=st.booleans())
+def test_stream_meter_reads_the_same_however_the_stream_is_cut(events, cuts, strip):
+    """The bytes passed on and the usage and output counted do not depend on where the
+    upstream's reads split the stream (one whole event per read takes a shorter path)."""
+    from console.relay.protocols import CHAT, StreamMeter
+
+    stream = b"".join(events)
+
+    def run(pieces):
+        meter = StreamMeter(CHAT, strip_usage_chunk=strip)
+        out = b"".join(b"".join(meter.feed(p)) for p in pieces) + meter.rest()
+        return out, meter.chars, meter.deltas, meter.usage, meter.errored
+
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    pieces = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    whole = run([stream])
+    assert run(pieces) == whole
+    assert run(events) == whole  # one read per event, as a well-behaved upstream sends them
+    assert run([stream[i:i + 1] for i in range(len(stream))]) == whole
+
+
+def test_stream_meter_reads_an_unterminated_last_event():
+    """A stream that ends inside its last event: the data line is still read (and passed on)."""
+    from console.relay.protocols import CHAT, StreamMeter
+
+    meter = StreamMeter(CHAT, strip_usage_chunk=False)
+    last = b'data: {"choices":[{"index":0,"delta":{"content":"abc"}}]}\nX'
+    assert meter.feed(last) == [] and meter.rest() == last
+    assert (meter.chars, meter.deltas) == (3, 1)

@@ -147,6 +147,10 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Complete events to pass on (each with its blank-line terminator)."""
+        if (not self.buf and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2
+                and b"\r" not in chunk):
+            # The common read: exactly one whole event (what the loop below would find).
+            return [chunk] if self._inspect(chunk) else []
         self.buf += chunk
         out = []
         while True:
@@ -176,10 +180,14 @@ class StreamMeter:
 
     def _inspect(self, event: bytes) -> bool:
         """Read one event; False means drop it (the usage chunk the client did not ask for)."""
-        data = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
-        if not data:
-            return True
-        raw = b"\n".join(data)
+        if (event.startswith(b"data:") and event.endswith(b"\n\n") and event.find(b"\n") == len(event) - 2
+                and b"\r" not in event):
+            raw = event[5:-2].strip()  # one data line, then the blank line: the common event
+        else:
+            data = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
+            if not data:
+                return True
+            raw = b"\n".join(data)
         if raw == b"[DONE]":
             return True
         try:

@@ -239,10 +239,12 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
             return
         try:
             for chunk in resp.iter_raw():
-                for event in meter.feed(chunk):
+                events = meter.feed(chunk)
+                if events:
                     if ttfb is None:
                         ttfb = _ms(adm.started)
-                    yield event
+                    # One write per upstream read, however many events it held.
+                    yield events[0] if len(events) == 1 else b"".join(events)
                 now = time.monotonic()
                 if now > deadline:
                     broke = "total deadline exceeded"
