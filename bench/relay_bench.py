@@ -28,6 +28,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -413,7 +414,7 @@ def run_all(targets: list[str], upstream, args, workdir: Path, results: list, no
             except Exception as exc:  # noqa: BLE001  (one broken target must not lose the others' numbers)
                 notes.append(f"{name}: not measured: {exc}")
                 print(f"[{name}] not measured: {exc}", file=sys.stderr)
-        for point in POINTS:
+        for rnd, point in ((r, pt) for r in range(args.rounds) for pt in POINTS):
             if point.name not in args.points:
                 continue
             for t in live:
@@ -425,9 +426,9 @@ def run_all(targets: list[str], upstream, args, workdir: Path, results: list, no
                 except Exception as exc:  # noqa: BLE001  (reported in the results, the run goes on)
                     notes.append(f"{t.name} {point.name}: failed: {exc}")
                     continue
-                row.update(target=t.name, point=point.name, loadavg=load)
+                row.update(target=t.name, point=point.name, loadavg=load, round=rnd)
                 results.append(row)
-                print(f"[{t.name}] {point.name}: {row['rps']} rps, p50 {row['p50_ms']} ms, "
+                print(f"[{t.name}] {point.name} (round {rnd + 1}): {row['rps']} rps, p50 {row['p50_ms']} ms, "
                       f"p99 {row['p99_ms']} ms, ttfb p50 {row['ttfb_p50_ms']} ms, errors {row['errors']}, "
                       f"rss {row['peak_rss_mb']} MB, load {load}", file=sys.stderr, flush=True)
     finally:
@@ -517,15 +518,41 @@ def evaluate(results: list[dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+_MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "peak_rss_mb", "loadavg")
+
+
+def combine(rounds: list[dict]) -> list[dict]:
+    """One row per (target, point): the median of each measure over the rounds, the rps of
+    every round (`rps_rounds`), errors summed over all rounds."""
+    grouped: dict[tuple, list[dict]] = {}
+    for r in rounds:
+        grouped.setdefault((r["target"], r["point"]), []).append(r)
+    out = []
+    for (target, point), rows in grouped.items():
+        row = {"target": target, "point": point, "rounds": len(rows), "rps_rounds": [r["rps"] for r in rows],
+               "errors": sum(r["errors"] for r in rows), "error_kinds": {}}
+        for r in rows:
+            for k, v in r.get("error_kinds", {}).items():
+                row["error_kinds"][k] = row["error_kinds"].get(k, 0) + v
+        for k in _MEDIAN_KEYS:
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            row[k] = statistics.median(vals) if vals else None
+        out.append(row)
+    return out
+
+
 def markdown(results: list[dict], info: dict, notes: list[str], args) -> str:
     up = {r["point"]: r for r in results if r["target"] == "upstream"}
     lines = [
         (f"Run {info['date']} on {info['nproc']} × {info['cpu']}, {info['memory_gib']} GiB RAM, "
         f"Linux {info['kernel']}, Python {info['python']}; servers with {args.workers} workers; "
-        f"duration scale {args.scale}. Load generator, fake upstream and server share the cores; 'load' is the 1-minute load average when the point started; 'added' is "
-        "against the upstream alone at the same point."),
+        f"duration scale {args.scale}; {args.rounds} round(s): every point ran once per round, the targets "
+        "taking turns, and each measure below is the median over the rounds (rps of each round in "
+        "brackets; errors summed). Load generator, fake upstream and server share the cores; 'load' is "
+        "the 1-minute load average when the point started; 'added' is against the upstream alone at the "
+        "same point."),
         "",
-        ("| point | target | rps | p50 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | added p50 ms | "
+        ("| point | target | rps (rounds) | p50 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | added p50 ms | "
          "added TTFB p50 / p99 ms | errors | peak RSS MB | load |"),
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
@@ -539,7 +566,9 @@ def markdown(results: list[dict], info: dict, notes: list[str], args) -> str:
             added_t = f"{_fmt(r['ttfb_p50_ms'] - base['ttfb_p50_ms'], 2)} / {_fmt(r['ttfb_p99_ms'] - base['ttfb_p99_ms'], 1)}"
         errors = str(r["errors"]) + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})"
                                      if r["errors"] else "")
-        lines.append(f"| {r['point']} | {r['target']} | {_fmt(r['rps'])} | {_fmt(r['p50_ms'], 2)} | "
+        each = r.get("rps_rounds") or []
+        rps = _fmt(r["rps"]) + (f" ({' / '.join(_fmt(v, 0) for v in each)})" if len(each) > 1 else "")
+        lines.append(f"| {r['point']} | {r['target']} | {rps} | {_fmt(r['p50_ms'], 2)} | "
                      f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['ttfb_p50_ms'], 2)} | {_fmt(r['ttfb_p99_ms'], 2)} | "
                      f"{added} | {added_t} | {errors} | {_fmt(r['peak_rss_mb'])} | {_fmt(r.get('loadavg'))} |")
     lines += ["", "| target (ratios from this run) | measured | goal | verdict |", "|---|--:|--:|---|"]
@@ -572,6 +601,8 @@ def main(argv=None) -> None:
                    help="gunicorn workers (the config's default)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every point's duration")
     p.add_argument("--quick", action="store_true", help="short points (scale 0.4)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every point this many times, targets taking turns; report medians")
     p.add_argument("--workdir", type=Path, default=None, help="logs, JSON results and the SQLite file")
     p.add_argument("--write-readme", action="store_true", help="put the results in bench/README.md")
     args = p.parse_args(argv)
@@ -596,8 +627,8 @@ def main(argv=None) -> None:
         run_all(targets, upstream, args, workdir, results, notes)
     finally:
         upstream[0].stop()
-    table = markdown(results, info, notes, args)
-    (workdir / "results.json").write_text(json.dumps({"machine": info, "results": results, "notes": notes}, indent=1))
+    table = markdown(combine(results), info, notes, args)
+    (workdir / "results.json").write_text(json.dumps({"machine": info, "rounds": results, "notes": notes}, indent=1))
     (workdir / "results.md").write_text(table)
     print(table)
     print(f"logs and results: {workdir}", file=sys.stderr)
