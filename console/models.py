@@ -333,7 +333,6 @@ class UsageRecord(db.Model):
         CheckConstraint("charge_micros >= 0 AND hold_micros >= 0", name="amounts"),
         Index("ix_usage_user_id_desc", "user_id", "id"),
         Index("ix_usage_pending", "status", "deadline_at"),
-        Index("ix_usage_user_group_status", "user_id", "group_id", "status"),
         # Usage pages: keyset by (created_at, id) newest first, per user, optionally narrowed
         # by one filter column; a time range is a range on created_at in the same index.
         Index("ix_usage_user_time", "user_id", "created_at", "id"),
@@ -346,6 +345,27 @@ class UsageRecord(db.Model):
               postgresql_where=text("usage_source = 'estimated'")),
         # Group cards: the last 24 h of every group, read from the index alone.
         Index("ix_usage_recent_stats", "created_at", "group_id", "status", "latency_ms", "ttfb_ms"),
+    )
+
+
+class RelayInflight(db.Model):
+    """A relay call between its admission and its settle: one row per pending usage record,
+    written and removed in the same transactions as the record's status. The admission's limits
+    (calls in flight per user and group, open holds per key) count these rows. Counting pending
+    usage records instead walks, on PostgreSQL, one dead index entry per call settled since the
+    last vacuum of that large table; this table stays as small as the number of calls in flight."""
+
+    __tablename__ = "relay_inflight"
+    record_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                           ForeignKey("usage_records.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    group_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    hold_micros: Mapped[int] = mapped_column(Money, default=0)
+
+    __table_args__ = (
+        Index("ix_inflight_user_group", "user_id", "group_id"),
+        Index("ix_inflight_key", "key_id"),
     )
 
 
@@ -447,7 +467,7 @@ for _t in APPEND_ONLY_TABLES:
 
 # ---- PostgreSQL: the relay admission's locked counts --------------------------------------
 # One statement admits a relay call on PostgreSQL (relay.metering). Its concurrency and spend
-# checks must count the pending records committed up to the moment the user's wallet is
+# checks must count the in-flight rows committed up to the moment the user's wallet is
 # locked, but a statement reads one snapshot taken when it starts, before any lock it waits
 # for. A VOLATILE function takes a fresh snapshot for each query it runs, so this one locks the
 # wallet first and then counts: the caller's statement stays a single round trip.
@@ -463,10 +483,9 @@ BEGIN
   END IF;
   PERFORM 1 FROM wallets WHERE user_id = p_user FOR UPDATE;
   RETURN QUERY SELECT
-    (SELECT count(*) FROM usage_records
-     WHERE user_id = p_user AND group_id = p_group AND status = 'pending'),
-    (SELECT k.spent_micros + COALESCE((SELECT sum(u.hold_micros) FROM usage_records u
-                                        WHERE u.key_id = p_key AND u.status = 'pending'), 0)::bigint
+    (SELECT count(*) FROM relay_inflight WHERE user_id = p_user AND group_id = p_group),
+    (SELECT k.spent_micros + COALESCE((SELECT sum(i.hold_micros) FROM relay_inflight i
+                                        WHERE i.key_id = p_key), 0)::bigint
      FROM api_keys k WHERE k.id = p_key);
 END
 $$"""

@@ -453,7 +453,7 @@ def test_group_concurrency_limit_counts_pending_records(relay):
 
 
 def test_admission_counts_what_committed_while_it_waited_for_the_wallet(relay):
-    """An admission that waits for the wallet lock counts the pending record committed by the
+    """An admission that waits for the wallet lock counts the call in flight committed by the
     transaction it waited for (PostgreSQL: the counts are taken after the lock, not from the
     statement's starting snapshot): with a limit of 1 it is refused, never a second call in flight."""
     import threading
@@ -469,8 +469,11 @@ def test_admission_counts_what_committed_while_it_waited_for_the_wallet(relay):
     invalidate_catalog()
     cols = [c.name for c in UsageRecord.__table__.columns if c.name != "id"]
     copy = ", ".join({"request_id": "'race-blocker'", "status": "'pending'"}.get(c, c) for c in cols)
-    insert_pending = (f"INSERT INTO usage_records ({', '.join(cols)}) SELECT {copy} FROM usage_records "
-                      f"WHERE id = (SELECT max(id) FROM usage_records)")
+    insert_pending = [f"INSERT INTO usage_records ({', '.join(cols)}) SELECT {copy} FROM usage_records "
+                      f"WHERE id = (SELECT max(id) FROM usage_records)",
+                      "INSERT INTO relay_inflight (record_id, user_id, group_id, key_id, hold_micros) "
+                      "SELECT id, user_id, group_id, key_id, hold_micros FROM usage_records "
+                      "WHERE request_id = 'race-blocker'"]
     pg = db.engine.dialect.name == "postgresql"
     if pg:
         import psycopg
@@ -498,7 +501,8 @@ def test_admission_counts_what_committed_while_it_waited_for_the_wallet(relay):
                 time.sleep(0.01)
     else:
         time.sleep(0.5)  # the admission is polling for the write lock by now
-    blocker.execute(insert_pending)
+    for statement in insert_pending:
+        blocker.execute(statement)
     blocker.execute("COMMIT") if not pg else blocker.commit()
     blocker.close()
     t.join(15)

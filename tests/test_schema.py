@@ -78,7 +78,7 @@ def test_migration_installs_the_models_relay_function(migrated_app):
 
     from console.models import RELAY_ADMISSION_COUNTS_SQL
 
-    path = Path(__file__).parent.parent / "migrations" / "versions" / "0002_relay_admission_counts.py"
+    path = Path(__file__).parent.parent / "migrations" / "versions" / "0002_relay_inflight.py"
     spec = importlib.util.spec_from_file_location("migration_0002", path)
     migration = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(migration)

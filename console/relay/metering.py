@@ -31,10 +31,12 @@ upstream's real cap; otherwise it is at most (actual − hold) per call.
 
 Admission is ONE write transaction: hold (conditional UPDATE; 402 when available < hold),
 then — with the wallet row locked (PostgreSQL) or the write lock held (SQLite) — count the
-pending records of the user in the group against the group's concurrency limit (429), check
-the key's spend limit (spent + open holds + this hold), and insert the pending record. Settle
-is a conditional `UPDATE … WHERE status='pending'` plus ledger.settle() in one transaction,
-so a call is settled exactly once, whoever (worker or reconciler) gets there first.
+user's calls in flight in the group against the group's concurrency limit (429), check the
+key's spend limit (spent + open holds + this hold), and insert the pending record and its
+`relay_inflight` row (the small table those two checks count; models.RelayInflight). Settle
+is a conditional `UPDATE … WHERE status='pending'` plus the in-flight row's removal and
+ledger.settle() in one transaction, so a call is settled exactly once, whoever (worker or
+reconciler) gets there first.
 
 On SQLite the admissions, settles and checkpoints of one worker process that arrive together
 share one transaction (database.GroupCommit), each in its own savepoint: a page that every call
@@ -58,13 +60,13 @@ from flask import current_app
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from console import ledger, rate_storage_options
 from console.database import DatabaseBusy, GroupCommit, PgGroupCommit, Prepared, raw_tx
 from console.extensions import db
-from console.models import ApiKey, UsageRecord, utcnow
+from console.models import ApiKey, RelayInflight, UsageRecord, utcnow
 from console.pricing import Prices, Tokens, max_charge, quote
 from console.relay.auth import Caller, ModelInfo
 from console.relay.errors import RelayError
@@ -189,14 +191,16 @@ def check_rate(caller: Caller) -> None:
 # than the statements themselves.
 _U = UsageRecord.__table__
 _K = ApiKey.__table__
-_IN_FLIGHT = Prepared(select(func.count()).select_from(_U).where(
-    _U.c.user_id == bindparam("p_user"), _U.c.group_id == bindparam("p_group"), _U.c.status == "pending"))
+_I = RelayInflight.__table__
+_IN_FLIGHT = Prepared(select(func.count()).select_from(_I).where(
+    _I.c.user_id == bindparam("p_user"), _I.c.group_id == bindparam("p_group")))
 _KEY_COMMITTED = Prepared(select(
     _K.c.spent_micros,
-    select(func.coalesce(func.sum(_U.c.hold_micros), 0))
-    .where(_U.c.key_id == bindparam("p_key"), _U.c.status == "pending").scalar_subquery(),
+    select(func.coalesce(func.sum(_I.c.hold_micros), 0)).where(_I.c.key_id == bindparam("p_key")).scalar_subquery(),
 ).where(_K.c.id == bindparam("p_key")))
 _INSERT_PENDING = Prepared(insert(_U).returning(_U.c.id))
+_INSERT_INFLIGHT = Prepared(insert(_I))
+_DELETE_INFLIGHT = Prepared(delete(_I).where(_I.c.record_id == bindparam("p_id")))
 _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
                     "cache_write_1h_tokens", "cache_read_tokens", "official_cost_pico", "charge_micros",
                     "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id", "error",
@@ -273,7 +277,10 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
             spent, open_holds = tx.first(_KEY_COMMITTED, {"p_key": caller.key_id})
             if (spent or 0) + (open_holds or 0) + hold > caller.spend_limit_micros:
                 raise _KeySpendLimit()
-        return tx.scalar(_INSERT_PENDING, row)
+        rid = tx.scalar(_INSERT_PENDING, row)
+        tx.execute(_INSERT_INFLIGHT, {"record_id": rid, "user_id": caller.user_id, "group_id": caller.group.id,
+                                      "key_id": caller.key_id, "hold_micros": hold})
+        return rid
 
     # Not synced to disk on commit: a machine crash can lose this admission whole (hold and
     # pending record together), never a ledger entry; the settle's durable commit syncs it.
@@ -335,7 +342,9 @@ def _pg_admit_sql(columns: tuple[str, ...]) -> str:
         sql = _PG_ADMIT[columns] = (
             "WITH" + _PG_CHECKS + "," + ledger.PG_HOLD_CTE.format(condition=_PG_CONDITION) + ",\n"
             f"ins AS (INSERT INTO usage_records ({', '.join(columns)}) SELECT {values}"
-            " WHERE EXISTS (SELECT 1 FROM h) RETURNING id)\n"
+            " WHERE EXISTS (SELECT 1 FROM h) RETURNING id),\n"
+            "inf AS (INSERT INTO relay_inflight (record_id, user_id, group_id, key_id, hold_micros)"
+            " SELECT id, %(p_user)s, %(p_group)s, %(p_key)s, %(p_hold)s FROM ins)\n"
             "SELECT (SELECT id FROM ins), (SELECT c FROM n), (SELECT c FROM ks),"
             " (SELECT balance_micros - held_micros FROM wallets WHERE user_id = %(p_user)s)")
     return sql
@@ -347,7 +356,7 @@ _PENDING_DEFAULTS = {c.name: c.default.arg for c in _U.columns if c.default is n
 
 def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
     full = {**{k: v for k, v in _PENDING_DEFAULTS.items() if k not in row}, **row}
-    params = {**full, "p_user": caller.user_id, "p_group": caller.group.id,
+    params = {**full, "p_user": caller.user_id, "p_group": caller.group.id, "p_key": caller.key_id,
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
               "p_spend_limit": caller.spend_limit_micros,
               # The key's open holds are summed only when it has a spend limit to check.
@@ -421,6 +430,7 @@ def settle(adm: Admission, out: Outcome) -> bool:
     def job(tx) -> bool:
         if tx.first(_SETTLE_RECORD, record) is None:
             return False
+        tx.execute(_DELETE_INFLIGHT, {"p_id": adm.record_id})
         ledger.settle(adm.user_id, hold_micros=adm.hold_micros, charge_micros=charge,
                       ref_type="usage", ref_id=adm.request_id, tx=tx)
         if adm.key_id is not None:
@@ -435,7 +445,8 @@ def settle(adm: Admission, out: Outcome) -> bool:
 _PG_SETTLE = (
     "WITH claim AS (UPDATE usage_records SET "
     + ", ".join(f"{c} = %({c})s" for c in _SETTLED_COLUMNS)
-    + " WHERE id = %(p_id)s AND status = 'pending' RETURNING id),"
+    + " WHERE id = %(p_id)s AND status = 'pending' RETURNING id),\n"
+    "gone AS (DELETE FROM relay_inflight WHERE record_id IN (SELECT id FROM claim)),"
     + ledger.PG_SETTLE_CTES + ",\n"
     "k AS (UPDATE api_keys SET spent_micros = spent_micros + %(s_charge)s, last_used_at = %(s_now)s"
     " WHERE id = %(p_key)s AND EXISTS (SELECT 1 FROM claim) RETURNING id)\n"

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
 from console import accounts, channels, keys, ledger
 from console.database import write_tx
 from console.extensions import db
-from console.models import Group, GroupModel, ModelPrice, UsageRecord, Wallet
+from console.models import Group, GroupModel, ModelPrice, RelayInflight, UsageRecord, Wallet
 from console.money import parse_usd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,8 +127,9 @@ def wallet(user_id: int) -> Wallet:
 
 
 def assert_consistent(user_id: int) -> None:
-    """Ledger sum = balance, no hold left, no pending record."""
+    """Ledger sum = balance, no hold left, no pending record, no call counted in flight."""
     assert ledger.verify() == []
     w = wallet(user_id)
     assert w.held_micros == 0
     assert [r.request_id for r in records() if r.status == "pending"] == []
+    assert db.session.scalar(sql_select(func.count()).select_from(RelayInflight)) == 0
