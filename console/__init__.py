@@ -63,6 +63,9 @@ def create_app(overrides: dict | None = None) -> Flask:
     }
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config.get("REDIS_URL") or "memory://")
     app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", rate_storage_options(app.config["RATELIMIT_STORAGE_URI"]))
+    # A Redis outage must not break sign-in or voucher redemption: the throttles then count in
+    # each worker's memory until Redis answers again.
+    app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
 
     if app.config.get("TRUST_PROXY"):
         from werkzeug.middleware.proxy_fix import ProxyFix

@@ -145,6 +145,24 @@ def test_login_throttled_per_account(db_url):
         db.engine.dispose()
 
 
+def test_login_throttle_survives_a_redis_outage(db_url):
+    """Redis unreachable: sign-in still works (no 500) and failed attempts are still throttled,
+    counted in the worker's memory until Redis answers again."""
+    from tests.support.server import free_port
+
+    app = make_app(db_url, LOGIN_LIMITS="3 per 15 minutes",
+                   RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
+    with app.app_context():
+        db.create_all()
+        make_user()
+        client = app.test_client()
+        for _ in range(3):
+            assert _post_login(client, "user@example.com", "wrong password!!").status_code == 422
+        assert _post_login(client, "user@example.com", PASSWORD).status_code == 429
+        db.session.remove()
+        db.engine.dispose()
+
+
 def test_staff_routes_hidden_from_users(ctx, client):
     """Every support/admin route answers 404 to a plain user and to anonymous visitors 302/404."""
     make_user()

@@ -68,3 +68,19 @@ def test_rpm_is_shared_across_workers_with_redis(db_url, upstream):
     assert codes == [200] * 3 + [429] * 4
     with app.app_context():
         db.engine.dispose()
+
+
+def test_redis_outage_does_not_take_the_relay_down(db_url, upstream):
+    """Redis unreachable: calls are still served (never a 500), and each worker keeps counting
+    the per-key limit in its own memory until Redis is back."""
+    from tests.support.server import free_port
+
+    app, acct, _second = _setup(db_url, upstream, rpm=2)
+    app.config["RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{free_port()}/0"
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {acct.key}"}
+    codes = [client.post("/v1/chat/completions", json=CALL, headers=auth).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    close_client(app)
+    with app.app_context():
+        db.engine.dispose()

@@ -58,6 +58,7 @@ from datetime import timedelta
 
 from flask import current_app
 from limits import RateLimitItemPerMinute
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -158,29 +159,59 @@ def estimate(body: dict) -> Estimate:
 
 # ---- rate limits --------------------------------------------------------------------------
 
+STORAGE_RETRY_S = 10.0  # after the shared limit storage failed, count locally this long
+
+
 def _limiter() -> SlidingWindowCounterRateLimiter:
-    app = current_app._get_current_object()
-    lim = app.extensions.get("relay_limiter")
+    """The shared limiter (Redis when configured), or this process's in-memory one while the
+    shared storage is failing."""
+    ext = current_app._get_current_object().extensions
+    if ext.get("relay_limiter_down_until", 0.0) > time.monotonic():
+        return _local_limiter()
+    lim = ext.get("relay_limiter")
     if lim is None:
-        uri = app.config["RATELIMIT_STORAGE_URI"]
-        lim = app.extensions["relay_limiter"] = SlidingWindowCounterRateLimiter(
-            storage_from_string(uri, **rate_storage_options(uri)))
+        uri = current_app.config["RATELIMIT_STORAGE_URI"]
+        lim = ext["relay_limiter"] = SlidingWindowCounterRateLimiter(
+            storage_from_string(uri, wrap_exceptions=True, **rate_storage_options(uri)))
+    return lim
+
+
+def _local_limiter() -> SlidingWindowCounterRateLimiter:
+    ext = current_app._get_current_object().extensions
+    lim = ext.get("relay_limiter_local")
+    if lim is None:
+        lim = ext["relay_limiter_local"] = SlidingWindowCounterRateLimiter(storage_from_string("memory://"))
     return lim
 
 
 def check_rate(caller: Caller) -> None:
     """The group's requests per minute, per key, in a sliding window shared by all workers
     (and hosts, when the storage is Redis). The sliding-window counter keeps two counters per
-    key, so its cost does not grow with the limit (a moving window stores every hit)."""
+    key, so its cost does not grow with the limit (a moving window stores every hit).
+
+    A Redis outage must not take the relay down with it: while the shared storage fails, each
+    worker counts in its own memory (the limit then holds per worker, as without Redis) and
+    tries the shared storage again after STORAGE_RETRY_S. Calls in flight are limited in the
+    database either way."""
     if caller.group.rpm_limit <= 0:
         return
     item = RateLimitItemPerMinute(caller.group.rpm_limit)
     prefix = current_app.config.get("RATELIMIT_KEY_PREFIX", "relay")
     ids = (prefix, "relay-rpm", str(caller.key_id))
     lim = _limiter()
-    if not lim.hit(item, *ids):
-        reset = lim.get_window_stats(item, *ids).reset_time
-        retry = max(1, math.ceil(reset - time.time()))
+    try:
+        allowed = lim.hit(item, *ids)
+    except StorageError as exc:
+        current_app.extensions["relay_limiter_down_until"] = time.monotonic() + STORAGE_RETRY_S
+        current_app.logger.warning("rate-limit storage failed (%s); counting in this worker for %.0f s",
+                                   type(exc.storage_error).__name__, STORAGE_RETRY_S)
+        lim = _local_limiter()
+        allowed = lim.hit(item, *ids)
+    if not allowed:
+        try:
+            retry = max(1, math.ceil(lim.get_window_stats(item, *ids).reset_time - time.time()))
+        except StorageError:
+            retry = 60
         raise RelayError(429, f"Rate limit of {caller.group.rpm_limit} requests per minute reached.",
                          code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
