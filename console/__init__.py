@@ -33,12 +33,15 @@ class _ConsoleSessions(SecureCookieSessionInterface):
 def rate_storage_options(uri: str) -> dict:
     """Redis rate-limit storage waits for a free connection (up to 5 s) instead of failing:
     a gevent worker may have hundreds of calls checking their limits at the same moment, and
-    redis-py's default pool raises "Too many connections" past 100."""
+    redis-py's default pool raises "Too many connections" past 100. A Redis that stops
+    answering (no refusal, no reply) stalls a call 1 s, not redis-py's default 5 s, before the
+    limits fall back to memory (Redis answers in well under a millisecond when it is up)."""
     if not uri.startswith(("redis://", "rediss://")):
         return {}
     from redis import BlockingConnectionPool
 
-    return {"connection_pool": BlockingConnectionPool.from_url(uri, max_connections=100, timeout=5)}
+    return {"connection_pool": BlockingConnectionPool.from_url(
+        uri, max_connections=100, timeout=5, socket_connect_timeout=1, socket_timeout=1)}
 
 
 def create_app(overrides: dict | None = None) -> Flask:

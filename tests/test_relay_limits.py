@@ -84,3 +84,36 @@ def test_redis_outage_does_not_take_the_relay_down(db_url, upstream):
     close_client(app)
     with app.app_context():
         db.engine.dispose()
+
+
+def test_a_redis_that_never_answers_costs_a_call_at_most_a_second(db_url, upstream):
+    """Redis accepts connections but never replies: the first call waits for the socket timeout
+    (1 s; redis-py's own default is 5 s), then the limits count in memory and the next calls do
+    not wait at all. The bound checked is the stall an outage causes, not a speed target."""
+    import socket
+    import threading
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(16)], daemon=True).start()
+    app, acct, _second = _setup(db_url, upstream, rpm=100)
+    app.config["RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {acct.key}"}
+    started = time.monotonic()
+    assert client.post("/v1/chat/completions", json=CALL, headers=auth).status_code == 200
+    first = time.monotonic() - started
+    started = time.monotonic()
+    assert [client.post("/v1/chat/completions", json=CALL, headers=auth).status_code
+            for _ in range(3)] == [200, 200, 200]
+    rest = time.monotonic() - started
+    assert 0.9 <= first < 3.5 and rest < first
+    close_client(app)
+    silent.close()
+    for conn, _addr in held:
+        conn.close()
+    with app.app_context():
+        db.engine.dispose()
