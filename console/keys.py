@@ -1,8 +1,9 @@
 """API keys: generation, hashing, the relay's lookup, and key management.
 
 A key is `sk-` + 43 URL-safe characters (256 bits). Only its SHA-256 and a display prefix
-are stored; the secret is shown once. Lookups go to the database on every call, so a
-disabled, deleted, expired or rolled key stops working at once in every worker and host.
+are stored; the secret is shown once. A disabled, deleted, expired or rolled key stops working at
+once in every worker and host: the console reads keys afresh on every request, and the relay
+re-reads a key it remembers inside the admission of every billed call (console/relay/auth.py).
 
 Every management function takes the owner's user id and finds the key by (id, owner):
 another user's key id is indistinguishable from a missing one (KeyNotFound → 404).
@@ -99,27 +100,58 @@ def authenticate(secret: str) -> ApiKey | None:
 
 
 _K, _USERS = ApiKey.__table__, User.__table__
-_RELAY_LOOKUP = Prepared(
-    select(_K.c.id, _K.c.user_id, _K.c.group_id, _K.c.status, _K.c.deleted_at, _K.c.expires_at,
-           _K.c.spend_limit_micros, _K.c.model_allowlist, _K.c.ip_allowlist,
-           _USERS.c.status.label("owner_status"), _USERS.c.default_group_id)
-    .join(_USERS, _USERS.c.id == _K.c.user_id)
-    .where(_K.c.key_hash == bindparam("p_hash"))
-)
-_RelayKey = namedtuple("_RelayKey", [c.name for c in _RELAY_LOOKUP.stmt.selected_columns])
+# What the relay reads of a key (and its owner) to authorize a call. The same columns serve the
+# relay's key cache: an admission re-reads them by id inside its own transaction and goes ahead
+# only if nothing changed (relay_key_current(), pg_key_unchanged()).
+_RELAY_COLUMNS = (_K.c.id, _K.c.key_hash, _K.c.user_id, _K.c.group_id, _K.c.status, _K.c.deleted_at,
+                  _K.c.expires_at, _K.c.spend_limit_micros, _K.c.model_allowlist, _K.c.ip_allowlist,
+                  _USERS.c.status.label("owner_status"), _USERS.c.default_group_id)
+_RELAY_FROM = _K.join(_USERS, _USERS.c.id == _K.c.user_id)
+_RELAY_LOOKUP = Prepared(select(*_RELAY_COLUMNS).select_from(_RELAY_FROM).where(_K.c.key_hash == bindparam("p_hash")))
+_RELAY_RECHECK = Prepared(select(*_RELAY_COLUMNS).select_from(_RELAY_FROM).where(_K.c.id == bindparam("p_key")))
+RelayKey = namedtuple("RelayKey", [c.name for c in _RELAY_LOOKUP.stmt.selected_columns])
 
 
-def relay_lookup(secret: str):
+def relay_lookup(secret: str) -> RelayKey | None:
     """The relay's per-call form of authenticate(): the same rule, one prebuilt Core query
-    returning a row (id, user_id, group_id, …, ip_allowlist, owner_status, default_group_id)."""
+    returning a row (id, key_hash, user_id, group_id, …, owner_status, default_group_id)."""
     if not looks_like_key(secret):
         return None
     with raw_tx(write=False) as tx:
         found = tx.first(_RELAY_LOOKUP, {"p_hash": hash_secret(secret)})
-    row = None if found is None else _RelayKey(*found)
+    row = None if found is None else RelayKey(*found)
     if row is None or not _usable(row.status, row.deleted_at, row.expires_at, row.owner_status):
         return None
     return row
+
+
+def relay_key_current(tx, row: RelayKey) -> bool:
+    """Inside a write transaction (SQLite): the key still reads exactly as `row` and is usable now."""
+    found = tx.first(_RELAY_RECHECK, {"p_key": row.id})
+    return (found is not None and RelayKey(*found) == row
+            and _usable(row.status, row.deleted_at, row.expires_at, row.owner_status))
+
+
+def _pg_key_unchanged_sql() -> str:
+    from sqlalchemy.dialects import postgresql
+
+    pg = postgresql.dialect()
+    cols = [getattr(c, "element", c) for c in _RELAY_COLUMNS]  # owner_status is a label
+    same = " AND ".join(
+        f"{'u' if c.table is _USERS else 'k'}.{c.name} IS NOT DISTINCT FROM %(kv_{name})s::{c.type.compile(dialect=pg)}"
+        for name, c in zip(RelayKey._fields, cols, strict=True))
+    return (" AS (SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id"
+            f" WHERE k.id = %(kv_id)s AND {same}"
+            " AND k.status = 'active' AND k.deleted_at IS NULL AND u.status = 'active'"
+            " AND (k.expires_at IS NULL OR k.expires_at > %(p_now)s))")
+
+
+PG_KEY_UNCHANGED = _pg_key_unchanged_sql()  # a CTE body: "<name>" + PG_KEY_UNCHANGED
+
+
+def pg_key_params(row: RelayKey) -> dict:
+    """The parameters of PG_KEY_UNCHANGED for a key read earlier."""
+    return {f"kv_{name}": value for name, value in row._asdict().items()}
 
 
 # ---- per-key restrictions, read by the relay ---------------------------------------------

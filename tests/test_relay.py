@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from console import channels, ledger
+from console import channels, keys, ledger
 from console.database import write_tx
 from console.extensions import db
-from console.models import ApiKey, Channel, UsageRecord, utcnow
+from console.models import ApiKey, Channel, UsageRecord, User, utcnow
 from console.pricing import Prices, Tokens, quote
 from console.relay.metering import estimate, reconcile
 from console.relay.upstream import close_client
@@ -517,6 +517,127 @@ def test_key_spend_limit_counts_open_holds(relay):
         db.session.execute(update(ApiKey).values(spend_limit_micros=100))
     r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
     assert r.status_code == 402 and r.get_json()["error"]["code"] == "key_spend_limit"
+
+
+# ---- keys the relay remembers between calls ----------------------------------------------
+
+def _chat(client, acct, model: str = "gpt-4o-mini"):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": HI}, headers=bearer(acct))
+
+
+def _count_lookups(monkeypatch) -> list:
+    seen, real = [], keys.relay_lookup
+    monkeypatch.setattr(keys, "relay_lookup", lambda secret: seen.append(1) or real(secret))
+    return seen
+
+
+def _disable(acct):
+    keys.set_enabled(acct.user_id, acct.key_id, False)
+
+
+def _delete(acct):
+    keys.delete(acct.user_id, acct.key_id)
+
+
+def _expire(acct):
+    with write_tx():
+        db.session.get(ApiKey, acct.key_id).expires_at = utcnow()
+
+
+def _roll(acct):
+    keys.roll(acct.user_id, acct.key_id)
+
+
+def _disable_account(acct):
+    with write_tx():
+        db.session.get(User, acct.user_id).status = "disabled"
+
+
+@pytest.mark.parametrize("revoke", [_disable, _delete, _expire, _roll, _disable_account],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_remembered_key_is_refused_as_soon_as_it_is_revoked(relay, revoke, monkeypatch):
+    """The relay serves a key's calls from the row it read for an earlier call (no lookup), but
+    each admission re-reads the key: the call right after a revocation is a 401, with nothing
+    held or recorded. (Revoked here in this process, which tells the relay nothing: as from
+    another worker or host.)"""
+    _app, client, acct = relay
+    assert _chat(client, acct).status_code == 200
+    lookups = _count_lookups(monkeypatch)
+    assert _chat(client, acct).status_code == 200
+    assert lookups == [], "the second call read the key again instead of using the remembered row"
+    revoke(acct)
+    before = (wallet(acct.user_id).balance_micros, len(records()))
+    r = _chat(client, acct)
+    assert r.status_code == 401, r.get_data(as_text=True)
+    assert r.get_json()["error"]["code"] == "invalid_api_key"
+    assert (wallet(acct.user_id).balance_micros, len(records())) == before
+    assert_consistent(acct.user_id)
+
+
+def test_a_revoked_remembered_key_with_a_bad_body_is_told_401(relay):
+    """The key is judged before the body, also when the relay remembers the key."""
+    _app, client, acct = relay
+    assert _chat(client, acct).status_code == 200
+    _disable(acct)
+    r = client.post("/v1/chat/completions", data=b"{not json", headers={**bearer(acct), "content-type": "application/json"})
+    assert r.status_code == 401, r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("change, status, code", [
+    ({"model_allowlist": "claude-haiku-4-5"}, 403, "model_not_allowed"),
+    ({"ip_allowlist": "10.0.0.0/8"}, 403, "ip_not_allowed"),
+    ({"spend_limit_micros": 100}, 402, "key_spend_limit"),
+])
+def test_a_remembered_key_obeys_a_narrowed_restriction_at_once(relay, change, status, code):
+    """A restriction added to a key the relay remembers refuses the very next call."""
+    _app, client, acct = relay
+    assert _chat(client, acct).status_code == 200
+    with write_tx():
+        db.session.execute(update(ApiKey).where(ApiKey.id == acct.key_id).values(**change))
+    before = len(records())
+    r = _chat(client, acct)
+    assert (r.status_code, r.get_json()["error"]["code"]) == (status, code)
+    assert len(records()) == before and wallet(acct.user_id).held_micros == 0
+
+
+@pytest.mark.parametrize("narrow", [{"model_allowlist": "claude-haiku-4-5"}, {"ip_allowlist": "10.0.0.0/8"}],
+                         ids=["model", "ip"])
+def test_a_refusal_is_never_decided_on_a_stale_remembered_key(relay, narrow):
+    """A call the key was refused a moment ago is served as soon as the key allows it: a
+    refusal taken from the remembered row is checked against a fresh read first."""
+    _app, client, acct = relay
+    with write_tx():
+        db.session.execute(update(ApiKey).where(ApiKey.id == acct.key_id).values(**narrow))
+    assert _chat(client, acct).status_code == 403
+    with write_tx():
+        db.session.execute(update(ApiKey).where(ApiKey.id == acct.key_id).values(**{k: "" for k in narrow}))
+    r = _chat(client, acct)
+    assert r.status_code == 200, r.get_data(as_text=True)
+
+
+def test_a_remembered_key_moved_to_another_group_is_billed_in_it_at_once(relay):
+    """Moving a key to another group takes effect on the next call: its multiplier and group."""
+    from console.models import Group, GroupModel, ModelPrice
+    from console.money import parse_multiplier
+    from console.relay.auth import invalidate_catalog
+
+    app, client, acct = relay
+    assert _chat(client, acct).status_code == 200
+    with write_tx():
+        other = Group(slug="other", name="Other", multiplier_ppm=parse_multiplier("1.5"),
+                      concurrency_limit=50, rpm_limit=100000)
+        db.session.add(other)
+        db.session.flush()
+        mid = db.session.scalar(select(ModelPrice.id).where(ModelPrice.name == "gpt-4o-mini"))
+        db.session.add(GroupModel(group_id=other.id, model_id=mid))
+        other_id = other.id
+    keys.move_to_group(acct.user_id, acct.key_id, other_id)
+    invalidate_catalog()  # the new group itself reaches the catalog cache within CATALOG_TTL_S
+    r = _chat(client, acct)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    rec = db.session.scalar(select(UsageRecord).where(UsageRecord.request_id == r.headers["x-request-id"]))
+    assert (rec.group_id, rec.multiplier_ppm) == (other_id, 1_500_000)
+    assert rec.charge_micros == recomputed(rec)
 
 
 def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0):

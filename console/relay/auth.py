@@ -1,9 +1,15 @@
 """Relay authentication and the per-call policy: who is calling, with which group and model.
 
-The key is looked up by its SHA-256 on every call (one query joined with its owner), so a
-disabled, expired or deleted key stops at once in every worker. Groups and model prices
-change rarely and are cached per process for `CATALOG_TTL_S` seconds (the hot path then
-runs no catalog query). Cookies are never read here: only `Authorization: Bearer` or
+A key is found by its SHA-256 (one query joined with its owner). Billed calls may use the row
+this process read for the same key within `KEY_CACHE_TTL_S` seconds, which saves the hot path a
+database round trip, without giving up immediate revocation: the admission re-reads the key
+inside its own transaction and admits only if the row is unchanged and still usable
+(metering.admit raises StaleKey otherwise), and a refusal decided on a remembered row is
+checked against a fresh read before it is answered (routes._relay). So a disabled, expired,
+deleted or rolled key, a disabled account or a narrowed allowlist takes effect at once in every
+worker, as with a read on every call. Unbilled endpoints (/v1/models, count_tokens) always read
+afresh. Groups and model prices change rarely and are cached per process for
+`CATALOG_TTL_S` seconds. Cookies are never read here: only `Authorization: Bearer` or
 `x-api-key`.
 """
 from __future__ import annotations
@@ -16,11 +22,13 @@ from sqlalchemy import select
 
 from console import keys
 from console.extensions import db
-from console.models import Group, GroupModel, ModelPrice
+from console.models import Group, GroupModel, ModelPrice, utcnow
 from console.pricing import Prices
 from console.relay.errors import RelayError
 
 CATALOG_TTL_S = 5.0
+KEY_CACHE_TTL_S = 30.0
+KEY_CACHE_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class Caller:
     group: GroupInfo
     spend_limit_micros: int | None
     model_allowlist: frozenset[str]
+    key: keys.RelayKey  # the row read for this call, re-checked by the admission
+    remembered: bool = False  # the row came from this process's key cache, not a read just now
 
 
 def presented_secret(headers) -> str | None:
@@ -87,9 +97,47 @@ def invalidate_catalog() -> None:
     current_app.extensions.pop("relay_catalog", None)
 
 
-def authenticate(secret: str | None, remote_addr: str | None) -> Caller:
-    """The caller behind a presented key, or RelayError 401/403. The key is never echoed."""
-    key = keys.relay_lookup(secret) if secret else None
+def _key_cache() -> dict:
+    return current_app.extensions.setdefault("relay_keys", {})
+
+
+def _find_key(secret: str, *, remember: bool) -> tuple[keys.RelayKey | None, bool]:
+    """(row or None, whether it came from the cache). Only usable keys are remembered."""
+    if not keys.looks_like_key(secret):
+        return None, False
+    cache, digest, now = _key_cache(), keys.hash_secret(secret), time.monotonic()
+    if remember:
+        hit = cache.get(digest)
+        if (hit is not None and now - hit[1] < KEY_CACHE_TTL_S
+                and (hit[0].expires_at is None or hit[0].expires_at > utcnow())):
+            return hit[0], True
+    row = keys.relay_lookup(secret)
+    if row is None:
+        cache.pop(digest, None)
+    else:
+        if len(cache) >= KEY_CACHE_MAX:
+            cache.clear()  # rare; the next calls read their keys again
+        cache[digest] = (row, now)
+    return row, False
+
+
+def authenticate(secret: str | None, remote_addr: str | None, *, remember: bool = False) -> Caller:
+    """The caller behind a presented key, or RelayError 401/403. The key is never echoed.
+
+    remember=True: a row read by this process within KEY_CACHE_TTL_S may stand in for a read
+    (billed calls only, whose admission re-checks it); a refusal is only ever decided on a
+    fresh read."""
+    key, remembered = _find_key(secret, remember=remember) if secret else (None, False)
+    try:
+        return _authorize(key, remote_addr, remembered)
+    except RelayError:
+        if not remembered:
+            raise
+    key, _ = _find_key(secret, remember=False)
+    return _authorize(key, remote_addr, False)
+
+
+def _authorize(key: keys.RelayKey | None, remote_addr: str | None, remembered: bool) -> Caller:
     if key is None:
         raise RelayError(401, "Invalid API key.", code="invalid_api_key")
     if not keys.ip_allowed(key, remote_addr):
@@ -98,7 +146,7 @@ def authenticate(secret: str | None, remote_addr: str | None) -> Caller:
     if group is None:
         raise RelayError(403, "This key has no group; choose one in the console.", code="no_group")
     return Caller(key.id, key.user_id, group, key.spend_limit_micros,
-                  frozenset(keys.split_list(key.model_allowlist)))
+                  frozenset(keys.split_list(key.model_allowlist)), key, remembered)
 
 
 def resolve_model(caller: Caller, name: str) -> ModelInfo:

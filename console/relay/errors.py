@@ -19,6 +19,10 @@ class RelayError(Exception):
     a key or an upstream URL.
     """
 
+    # Raised after the call's admission committed (an upstream failure…): the call is on the
+    # books, so the view answers it as is and never runs the call again (routes._relay).
+    admitted = False
+
     def __init__(self, status: int, message: str, *, code: str | None = None,
                  headers: dict | None = None, extra: dict | None = None):
         super().__init__(message)

@@ -29,8 +29,9 @@ class. The settle charges the actual usage even if it exceeds the hold (the upst
 served it), so the overdraft bound is zero as long as the model's max_output_tokens is the
 upstream's real cap; otherwise it is at most (actual − hold) per call.
 
-Admission is ONE write transaction: hold (conditional UPDATE; 402 when available < hold),
-then — with the wallet row locked (PostgreSQL) or the write lock held (SQLite) — count the
+Admission is ONE write transaction: re-read the caller's key and refuse (StaleKey) unless
+it is unchanged and usable (auth.py: the key may come from the process's cache), hold
+(conditional UPDATE; 402 when available < hold), then — with the wallet row locked (PostgreSQL) or the write lock held (SQLite) — count the
 user's calls in flight in the group against the group's concurrency limit (429), check the
 key's spend limit (spent + open holds + this hold), and insert the pending record and its
 `relay_inflight` row (the small table those two checks count; models.RelayInflight). Settle
@@ -64,7 +65,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from console import ledger, rate_storage_options
+from console import keys, ledger, rate_storage_options
 from console.database import DatabaseBusy, GroupCommit, PgGroupCommit, Prepared, raw_tx
 from console.extensions import db
 from console.models import ApiKey, RelayInflight, UsageRecord, utcnow
@@ -298,6 +299,8 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
         rid = _admit_pg(caller, hold, now, row)
         return Admission(rid, request_id, caller.user_id, caller.key_id, hold, prices, mult, est.input_tokens())
     def job(tx):
+        if not keys.relay_key_current(tx, caller.key):
+            raise StaleKey()
         if hold:
             ledger.hold(caller.user_id, hold, tx=tx)
         # The write lock is held: the counts below cannot race another admission of this user.
@@ -341,6 +344,11 @@ def _concurrency_refused(caller: Caller) -> RelayError:
                       headers={"Retry-After": "1"})
 
 
+class StaleKey(Exception):
+    """The key read before admission changed or stopped being usable before it: nothing was
+    written; the caller reads the key afresh and decides again (never shown to a client)."""
+
+
 class _KeySpendLimit(RelayError):
     def __init__(self):
         super().__init__(402, "This key's spend limit is reached.", code="key_spend_limit")
@@ -348,17 +356,19 @@ class _KeySpendLimit(RelayError):
 
 # PostgreSQL: the admission above as ONE statement. relay_admission_counts() (models.py) locks
 # the user's wallet and then counts with a snapshot taken after the lock, so the counts see
-# every admission committed before it; the hold happens only if every check passes, and the
+# every admission committed before it; `kv` re-reads the key (keys.PG_KEY_UNCHANGED); the
+# hold happens only if every check passes, and the
 # pending record only if the hold happened. The row it returns says which check refused.
 # Pending-record columns are cast to their column types (parameters in an INSERT … SELECT list
 # would otherwise be typed as text). Alone it runs in autocommit: one round trip, committed
 # without waiting for the WAL flush when async_commit is true (see database.PgGroupCommit).
 _PG_CHECKS = """
+kv""" + keys.PG_KEY_UNCHANGED + """,
 c AS (SELECT in_flight, key_committed
       FROM relay_admission_counts(%(p_user)s, %(p_group)s, %(p_limited_key)s, %(async_commit)s)),
 n AS (SELECT in_flight AS c FROM c),
 ks AS (SELECT key_committed AS c FROM c)"""
-_PG_CONDITION = ("(SELECT c FROM n) < %(p_limit)s AND (%(p_spend_limit)s::bigint IS NULL"
+_PG_CONDITION = ("EXISTS (SELECT 1 FROM kv) AND (SELECT c FROM n) < %(p_limit)s AND (%(p_spend_limit)s::bigint IS NULL"
                  " OR (SELECT c FROM ks) + %(p_hold)s <= %(p_spend_limit)s)")
 _PG_ADMIT: dict[tuple, str] = {}
 
@@ -377,7 +387,8 @@ def _pg_admit_sql(columns: tuple[str, ...]) -> str:
             "inf AS (INSERT INTO relay_inflight (record_id, user_id, group_id, key_id, hold_micros)"
             " SELECT id, %(p_user)s, %(p_group)s, %(p_key)s, %(p_hold)s FROM ins)\n"
             "SELECT (SELECT id FROM ins), (SELECT c FROM n), (SELECT c FROM ks),"
-            " (SELECT balance_micros - held_micros FROM wallets WHERE user_id = %(p_user)s)")
+            " (SELECT balance_micros - held_micros FROM wallets WHERE user_id = %(p_user)s),"
+            " EXISTS (SELECT 1 FROM kv)")
     return sql
 
 
@@ -391,11 +402,14 @@ def _admit_pg(caller: Caller, hold: int, now, row: dict) -> int:
               "p_hold": hold, "p_now": now, "p_limit": caller.group.concurrency_limit,
               "p_spend_limit": caller.spend_limit_micros,
               # The key's open holds are summed only when it has a spend limit to check.
-              "p_limited_key": caller.key_id if caller.spend_limit_micros is not None else None}
+              "p_limited_key": caller.key_id if caller.spend_limit_micros is not None else None,
+              **keys.pg_key_params(caller.key)}
     found = group_commit().run((_pg_admit_sql(tuple(full)), params, caller.user_id), durable=False)
-    rid, in_flight, _key_committed, available = found
+    rid, in_flight, _key_committed, available, key_current = found
     if rid is not None:
         return rid
+    if not key_current:
+        raise StaleKey()
     if available is None:
         raise ledger.NoWallet()
     if hold and available < hold:

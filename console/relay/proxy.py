@@ -97,7 +97,6 @@ def _fail(adm: Admission, started: float, error: str, attempts: int, channel_id:
 
 def relay_call(call: Call) -> Reply:
     """Admit, forward and bill one call (chat, responses, messages, embeddings)."""
-    cfg = current_app.config
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
@@ -108,6 +107,16 @@ def relay_call(call: Call) -> Reply:
     adm = metering.admit(call.caller, call.model, request_id=call.request_id,
                          endpoint=call.surface.name, stream=call.stream, est=est, client_ip=call.client_ip)
     db.session.close()  # nothing of ours stays open while the upstream works
+    try:
+        return _forward(call, adm, routes)
+    except RelayError as exc:
+        exc.admitted = True
+        raise
+
+
+def _forward(call: Call, adm: Admission, routes) -> Reply:
+    """Everything after the admission: open the upstream, pass the reply on, settle."""
+    cfg = current_app.config
     started = adm.started
     deadline = started + cfg["RELAY_TOTAL_DEADLINE_S"]
     try:

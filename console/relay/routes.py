@@ -8,11 +8,12 @@ import json
 import re
 
 from flask import Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from console.relay import bp, proxy
 from console.relay.auth import authenticate, group_models, presented_secret, resolve_model
 from console.relay.errors import RelayError, from_error
-from console.relay.metering import new_request_id
+from console.relay.metering import StaleKey, new_request_id
 from console.relay.protocols import CHAT, COUNT_TOKENS, EMBEDDINGS, MESSAGES, RESPONSES, Surface
 from console.relay.upstream import FORWARDED_HEADERS
 
@@ -87,17 +88,42 @@ def _client_headers() -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
 
 
-def _caller():
-    return authenticate(presented_secret(request.headers), request.remote_addr)
+def _caller(*, remember: bool = False):
+    return authenticate(presented_secret(request.headers), request.remote_addr, remember=remember)
+
+
+_ATTEMPTS = 3  # a key that changes again between every read and admission gets a 503 after these
 
 
 def _relay(surface: Surface):
+    billed = surface is not COUNT_TOKENS
     try:
-        caller = _caller()
-        body = _json_body()
-        call = proxy.Call(surface, body, caller, resolve_model(caller, body["model"]),
-                          _client_headers(), request.remote_addr, _request_id())
-        reply = proxy.count_tokens(call) if surface is COUNT_TOKENS else proxy.relay_call(call)
+        caller = _caller(remember=billed)
+        try:
+            body = _json_body()
+        except (RelayError, HTTPException):
+            if caller.remembered:
+                _caller()  # a key revoked since it was remembered is answered 401, not 400
+            raise
+        for _ in range(_ATTEMPTS):
+            try:
+                call = proxy.Call(surface, body, caller, resolve_model(caller, body["model"]),
+                                  _client_headers(), request.remote_addr, _request_id())
+                reply = proxy.relay_call(call) if billed else proxy.count_tokens(call)
+                break
+            except StaleKey:
+                caller = _caller()  # the admission found the key changed: read it again (401 if revoked)
+            except RelayError as exc:
+                # A refusal decided on a remembered key row stands only if a fresh read agrees.
+                if exc.admitted or not caller.remembered:
+                    raise
+                fresh = _caller()
+                if fresh.key == caller.key:
+                    raise
+                caller = fresh
+        else:
+            raise RelayError(503, "The key changed during the call; retry.", code="overloaded",
+                             headers={"Retry-After": "1"})
     except RelayError as exc:
         return from_error(exc)
     return Response(reply.body, status=reply.status, headers=reply.headers)
