@@ -4,10 +4,13 @@ Owns the `channels` table. A channel's secret is encrypted with Fernet under a k
 (HKDF-SHA256) from CHANNEL_KEY, or SECRET_KEY when no separate key is set; it is decrypted
 only in memory to call the upstream and is never shown, logged or put in an exception.
 
-Routing: among the channels of the right type that serve the model and the group, the
+Routing: among the enabled channels of the right type that serve the model and the group, the
 highest priority wins; within one priority, a weighted random order. A channel that fails
-`FAIL_THRESHOLD` times in a row is auto-disabled for `PROBE_INTERVAL`; after that it is
-eligible again (half-open): the next call through it is the probe, and a success re-enables it.
+`FAIL_THRESHOLD` times in a row is auto-disabled (paused) for `PROBE_INTERVAL`, each further
+failure doubling the pause up to `MAX_PAUSE`. When the pause ends, the server probes the channel
+(console/relay/probe.py) and a healthy answer enables it again. Calls skip a paused channel
+while an enabled one serves the model; if none does, a channel whose pause is over is tried
+(a success re-enables it), so a model is not refused just because its only channel awaits a probe.
 Each process caches the channel list for `CACHE_TTL_S` seconds so the hot path runs no query.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from console.database import write_tx
 from console.extensions import db
@@ -34,6 +37,7 @@ from console.models import Channel, utcnow
 TYPES = ("openai", "anthropic")
 FAIL_THRESHOLD = 5
 PROBE_INTERVAL = timedelta(seconds=60)
+MAX_PAUSE = timedelta(minutes=15)
 CACHE_TTL_S = 2.0
 
 
@@ -223,7 +227,8 @@ def candidates(kind: str, model: str, group_slug: str, rng: random.Random | None
     """Channels to try, best first: priority descending, weighted random order within a tier."""
     rng = rng or random
     now = utcnow()
-    usable = [r for r in routes() if r.serves(kind, model, group_slug) and r.eligible(now)]
+    serving = [r for r in routes() if r.serves(kind, model, group_slug)]
+    usable = [r for r in serving if r.status == "enabled"] or [r for r in serving if r.eligible(now)]
     out: list[Route] = []
     for prio in sorted({r.priority for r in usable}, reverse=True):
         tier = [r for r in usable if r.priority == prio]
@@ -236,18 +241,31 @@ def candidates(kind: str, model: str, group_slug: str, rng: random.Random | None
 
 # ---- health --------------------------------------------------------------------------------
 
-def record_failure(channel_id: int, error: str) -> None:
-    """Count a consecutive failure; at the threshold the channel is auto-disabled for a while."""
+def pause_after(failures: int) -> timedelta:
+    """How long a channel is paused after this many consecutive failures (≥ FAIL_THRESHOLD)."""
+    return min(PROBE_INTERVAL * 2 ** min(max(failures - FAIL_THRESHOLD, 0), 10), MAX_PAUSE)
+
+
+def record_failure(channel_id: int, error: str, *, probe: bool = False) -> None:
+    """Count a consecutive failure; at the threshold the channel is paused (auto-disabled).
+
+    Failures of calls that were already under way when the channel was paused are not counted
+    (a burst of them would stretch the first pause to the longest); a failed probe, or a call
+    that tried the channel after its pause, counts and doubles the pause."""
+    now = utcnow()
     with write_tx():
+        stmt = update(Channel).where(Channel.id == channel_id)
+        if not probe:
+            stmt = stmt.where(or_(Channel.status != "auto_disabled", Channel.disabled_until.is_(None),
+                                  Channel.disabled_until <= now))
         row = db.session.execute(
-            update(Channel).where(Channel.id == channel_id)
-            .values(fail_count=Channel.fail_count + 1, last_error=error[:500])
+            stmt.values(fail_count=Channel.fail_count + 1, last_error=error[:500])
             .returning(Channel.fail_count, Channel.status)
         ).first()
         if row and row[0] >= FAIL_THRESHOLD and row[1] != "disabled":
             db.session.execute(
                 update(Channel).where(Channel.id == channel_id)
-                .values(status="auto_disabled", disabled_until=utcnow() + PROBE_INTERVAL)
+                .values(status="auto_disabled", disabled_until=now + pause_after(row[0]))
             )
     invalidate()
 

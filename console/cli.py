@@ -128,6 +128,13 @@ def register_cli(app: Flask) -> None:
                 break
         click.echo(f"reconciled {total} pending usage records")
 
+    @app.cli.command("channel-probe")
+    def channel_probe_cmd() -> None:
+        """Probe the paused channels whose pause is over (the server does this every 15 s)."""
+        from console.relay.probe import probe_due
+
+        click.echo(f"probed {probe_due()} paused channels")
+
     @app.cli.command("ledger-verify")
     def ledger_verify_cmd() -> None:
         """Exit non-zero and list every wallet whose balance differs from its ledger sum."""

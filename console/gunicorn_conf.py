@@ -30,30 +30,46 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
 # Every worker settles relay calls left pending past their deadline (a worker that died
-# mid-call), once at start and then every RECONCILE_EVERY_S seconds, jittered so workers spread out.
+# mid-call), once at start and then every RECONCILE_EVERY_S seconds, and probes the paused
+# channels whose pause is over every CHANNEL_PROBE_EVERY_S seconds (console/relay/probe.py);
+# both jittered so workers spread out, and both safe to run in every worker at once.
 RECONCILE_EVERY_S = float(os.environ.get("RECONCILE_EVERY_S", "60"))
+CHANNEL_PROBE_EVERY_S = float(os.environ.get("CHANNEL_PROBE_EVERY_S", "15"))
 
 
-def post_worker_init(worker):
+def _every(worker, app, seconds: float, task, what: str) -> None:
     import random
 
     import gevent
 
+    gevent.sleep(random.uniform(0, min(5.0, seconds)))
+    while True:
+        try:
+            with app.app_context():
+                task()
+        except Exception:  # a database hiccup must not kill the loop
+            worker.log.exception("periodic %s failed", what)
+        gevent.sleep(seconds * random.uniform(0.8, 1.2))
+
+
+def _reconcile_all() -> None:
+    from console.relay.metering import reconcile
+
+    while reconcile():
+        pass
+
+
+def _probe() -> None:
+    from console.relay.probe import probe_due
+
+    probe_due()
+
+
+def post_worker_init(worker):
+    import gevent
+
     app = worker.wsgi  # the Flask app, loaded before this hook runs
-
-    def loop():
-        from console.relay.metering import reconcile
-
-        gevent.sleep(random.uniform(0, min(5.0, RECONCILE_EVERY_S)))
-        while True:
-            try:
-                with app.app_context():
-                    while reconcile():
-                        pass
-            except Exception:  # a database hiccup must not kill the loop
-                worker.log.exception("periodic reconcile failed")
-            gevent.sleep(RECONCILE_EVERY_S * random.uniform(0.8, 1.2))
-
     # Only the console app settles relay calls (bench tools reuse this configuration).
     if worker_class == "gevent" and "relay" in getattr(app, "blueprints", {}):
-        gevent.spawn(loop)
+        gevent.spawn(_every, worker, app, RECONCILE_EVERY_S, _reconcile_all, "reconcile")
+        gevent.spawn(_every, worker, app, CHANNEL_PROBE_EVERY_S, _probe, "channel probe")
