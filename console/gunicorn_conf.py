@@ -39,17 +39,16 @@ CHANNEL_PROBE_EVERY_S = float(os.environ.get("CHANNEL_PROBE_EVERY_S", "15"))
 
 def _every(worker, app, seconds: float, task, what: str) -> None:
     import random
+    import time  # cooperative under gevent: its worker patches the time module
 
-    import gevent
-
-    gevent.sleep(random.uniform(0, min(5.0, seconds)))
+    time.sleep(random.uniform(0, min(5.0, seconds)))
     while True:
         try:
             with app.app_context():
                 task()
         except Exception:  # a database hiccup must not kill the loop
             worker.log.exception("periodic %s failed", what)
-        gevent.sleep(seconds * random.uniform(0.8, 1.2))
+        time.sleep(seconds * random.uniform(0.8, 1.2))
 
 
 def _reconcile_all() -> None:
@@ -66,10 +65,18 @@ def _probe() -> None:
 
 
 def post_worker_init(worker):
-    import gevent
-
     app = worker.wsgi  # the Flask app, loaded before this hook runs
     # Only the console app settles relay calls (bench tools reuse this configuration).
-    if worker_class == "gevent" and "relay" in getattr(app, "blueprints", {}):
-        gevent.spawn(_every, worker, app, RECONCILE_EVERY_S, _reconcile_all, "reconcile")
-        gevent.spawn(_every, worker, app, CHANNEL_PROBE_EVERY_S, _probe, "channel probe")
+    if "relay" not in getattr(app, "blueprints", {}):
+        return
+    if worker_class == "gevent":
+        import gevent
+
+        spawn = gevent.spawn
+    else:  # a greenlet needs the gevent hub; any other worker class gets daemon threads
+        import threading
+
+        def spawn(fn, *args):
+            threading.Thread(target=fn, args=args, daemon=True).start()
+    spawn(_every, worker, app, RECONCILE_EVERY_S, _reconcile_all, "reconcile")
+    spawn(_every, worker, app, CHANNEL_PROBE_EVERY_S, _probe, "channel probe")

@@ -158,11 +158,13 @@ def test_channel_probe_cli_probes_what_is_due(app, upstream, db_url):
 
 
 @pytest.mark.slow
-def test_the_server_probes_paused_channels_by_itself(app, upstream, db_url):
-    """A real gunicorn: a channel whose pause is over is enabled again without any call."""
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_the_server_probes_paused_channels_by_itself(app, upstream, db_url, worker_class):
+    """A real gunicorn: a channel whose pause is over is enabled again without any call, with
+    the production worker class and with a threaded one."""
     cid = paused("p", f"{upstream}/v1")
     db.session.remove()
-    env = {"ALLOW_PRIVATE_UPSTREAMS": "1", "CHANNEL_PROBE_EVERY_S": "0.5"}
+    env = {"ALLOW_PRIVATE_UPSTREAMS": "1", "CHANNEL_PROBE_EVERY_S": "0.5", "WORKER_CLASS": worker_class}
     with gunicorn(db_url, env=env):
         deadline = time.monotonic() + 15
         while channel(cid).status != "enabled":
