@@ -763,6 +763,26 @@ def test_admin_channel_page_adds_and_disables_without_showing_the_secret(relay):
     assert db.session.get(Channel, ch.id).status == "disabled"
 
 
+def test_admin_channel_page_shows_a_paused_channel_and_enables_it_at_once(relay):
+    """A paused channel says until when; staff can enable it without waiting for the probe."""
+    from tests.support.web import HX, csrf_from, login, make_user
+    _app, client, _acct = relay
+    make_user("root@example.com", role="admin")
+    login(client, "root@example.com")
+    ch = db.session.scalar(select(Channel).where(Channel.type == "openai"))
+    cid = ch.id
+    with write_tx():
+        db.session.execute(update(Channel).where(Channel.id == cid).values(
+            status="auto_disabled", fail_count=5, disabled_until=utcnow() + timedelta(minutes=1)))
+    listing = client.get("/admin/channels/")
+    assert b"paused" in listing.data and b"probed again after" in listing.data
+    r = client.post(f"/admin/channels/{cid}/enable", data={"csrf_token": csrf_from(listing.data)}, headers=HX)
+    assert r.status_code == 200 and b"probed again after" not in r.data
+    db.session.expire_all()
+    ch = db.session.get(Channel, cid)
+    assert (ch.status, ch.fail_count, ch.disabled_until) == ("enabled", 0, None)
+
+
 @pytest.mark.parametrize("path,headers", [
     ("/v1/chat/completions", {}),
     ("/v1/messages", {"anthropic-version": "2023-06-01"}),
