@@ -72,17 +72,21 @@ def decrypt_secret(token: str) -> str:
 
 # ---- validation ----------------------------------------------------------------------------
 
+def is_public_address(address: str) -> bool:
+    """False for loopback, private, link-local (cloud metadata), ULA, reserved, multicast and
+    unspecified addresses. Used when a channel is saved and again on every upstream connection
+    (relay/upstream.py pins the address it checked)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+                or ip.is_multicast or ip.is_unspecified)
+
+
 def _private(host: str) -> bool:
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         raise ChannelError("The base URL's host does not resolve.") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                or ip.is_multicast or ip.is_unspecified):
-            return True
-    return False
+    return any(not is_public_address(info[4][0]) for info in infos)
 
 
 def validate_base_url(url: str, *, allow_private: bool) -> str:

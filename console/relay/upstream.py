@@ -6,6 +6,9 @@
 - Timeouts: connect, per-chunk idle read (bounded by what is left of the call's total
   deadline) and the total deadline itself, which the caller checks between chunks, so a
   drip-feeding upstream cannot hold a call forever.
+- Addresses: every connection resolves the channel's host itself, refuses non-public addresses
+  (unless ALLOW_PRIVATE_UPSTREAMS) and connects to the address it checked (PinnedBackend), so
+  DNS rebinding cannot turn a channel into a request to an internal service.
 - Headers: only an allowlist of the client's headers is forwarded; the channel's key is set
   here. Client credentials, cookies, X-Forwarded-* and hop-by-hop headers never go upstream.
 - Retry / failover happen only here, i.e. before the first byte reaches the client: on
@@ -19,9 +22,11 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 
+import httpcore
 import httpx
 from flask import current_app
 
@@ -41,6 +46,48 @@ MAX_ERROR_BODY = 64 * 1024
 POOL_SHARDS = 8
 
 
+class PinnedBackend(httpcore.SyncBackend):
+    """Connects only to addresses it has checked, and to exactly those.
+
+    The host is resolved here, every address must be public (channels.is_public_address)
+    unless private upstreams are allowed, and the socket connects to a checked address rather
+    than resolving the name again: a DNS answer that changes between the check and the
+    connection (DNS rebinding) cannot send a channel's key to an internal service. TLS is
+    unchanged: httpcore still sends the host name as SNI and verifies the certificate against it.
+    """
+
+    def __init__(self, *, allow_private: bool):
+        self.allow_private = allow_private
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"the upstream host does not resolve ({type(exc).__name__})") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        if not self.allow_private and not all(channels.is_public_address(a) for a in addresses):
+            raise httpcore.ConnectError("the upstream host resolves to a non-public address; refused")
+        last: Exception = httpcore.ConnectError("the upstream host has no address")
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectTimeout:
+                raise
+            except httpcore.ConnectError as exc:
+                last = exc
+        raise last
+
+
+def _transport(cfg) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+    # httpx takes no network backend; its connection pool does (httpcore 1.x, pinned in pyproject).
+    pool = transport._pool
+    if not isinstance(pool, httpcore.ConnectionPool) or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("unexpected httpx transport: cannot pin upstream addresses")
+    pool._network_backend = PinnedBackend(allow_private=bool(cfg.get("ALLOW_PRIVATE_UPSTREAMS")))
+    return transport
+
+
 def client() -> httpx.Client:
     """One of this process's pooled clients, in turn (created lazily after the fork)."""
     app = current_app._get_current_object()
@@ -51,9 +98,9 @@ def client() -> httpx.Client:
             httpx.Client(
                 timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
                                       write=30.0, pool=5.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 follow_redirects=False,
-                transport=cfg.get("RELAY_TRANSPORT"),  # tests: an httpx.MockTransport
+                # Tests may put an httpx.MockTransport at the network edge.
+                transport=cfg.get("RELAY_TRANSPORT") or _transport(cfg),
             )
             for _ in range(1 if cfg.get("RELAY_TRANSPORT") else POOL_SHARDS)
         ]
