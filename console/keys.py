@@ -102,7 +102,7 @@ def authenticate(secret: str) -> ApiKey | None:
 _K, _USERS = ApiKey.__table__, User.__table__
 # What the relay reads of a key (and its owner) to authorize a call. The same columns serve the
 # relay's key cache: an admission re-reads them by id inside its own transaction and goes ahead
-# only if nothing changed (relay_key_current(), pg_key_unchanged()).
+# only if nothing changed (relay_key_current(), PG_KEY_UNCHANGED).
 _RELAY_COLUMNS = (_K.c.id, _K.c.key_hash, _K.c.user_id, _K.c.group_id, _K.c.status, _K.c.deleted_at,
                   _K.c.expires_at, _K.c.spend_limit_micros, _K.c.model_allowlist, _K.c.ip_allowlist,
                   _USERS.c.status.label("owner_status"), _USERS.c.default_group_id)

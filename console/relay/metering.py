@@ -31,7 +31,8 @@ upstream's real cap; otherwise it is at most (actual − hold) per call.
 
 Admission is ONE write transaction: re-read the caller's key and refuse (StaleKey) unless
 it is unchanged and usable (auth.py: the key may come from the process's cache), hold
-(conditional UPDATE; 402 when available < hold), then — with the wallet row locked (PostgreSQL) or the write lock held (SQLite) — count the
+(conditional UPDATE; 402 when available < hold), then — with the wallet row locked
+(PostgreSQL) or the write lock held (SQLite) — count the
 user's calls in flight in the group against the group's concurrency limit (429), check the
 key's spend limit (spent + open holds + this hold), and insert the pending record and its
 `relay_inflight` row (the small table those two checks count; models.RelayInflight). Settle
