@@ -73,6 +73,9 @@ class IsolatedClient(FlaskClient):
     """
 
     def open(self, *args, **kwargs):
+        # Like a WSGI server, read the whole body and then close the response: the relay
+        # settles a call in close() (a test reading a stream step by step passes buffered=False).
+        kwargs.setdefault("buffered", True)
         outer = has_app_context()
         if outer:
             db.session.commit()

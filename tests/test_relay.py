@@ -3,6 +3,8 @@ protocols, usage, errors, header hygiene, billing policy rows, retries, failover
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from datetime import timedelta
 
 import pytest
@@ -111,6 +113,57 @@ def test_chat_non_stream_bills_upstream_usage(relay):
     assert db.session.scalar(select(ApiKey.spent_micros).where(ApiKey.id == acct.key_id)) == rec.charge_micros
     assert_consistent(acct.user_id)
 
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_settle_runs_when_the_server_closes_the_response(relay, stream):
+    """The whole body (or the whole stream) is handed to the server first; the call is settled in
+    the response's close(), which a WSGI server calls after writing the last byte."""
+    _app, client, acct = relay
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": stream},
+                    headers=bearer(acct), buffered=False)
+    body = b"".join(r.response)
+    assert (b"data: [DONE]" in body) if stream else (b"chunk 4" in body)
+    assert [x.status for x in records()] == ["pending"]
+    r.close()
+    assert [(x.status, x.usage_source) for x in records()] == [("ok", "upstream")]
+    r.close()  # closing again settles nothing twice
+    assert only_record().charge_micros == recomputed(only_record()) > 0
+    assert_consistent(acct.user_id)
+
+
+def test_a_locked_database_skips_checkpoints_but_never_cuts_the_stream(upstream, tmp_path, caplog):
+    """A stream's progress checkpoint that cannot get the SQLite write lock is skipped (logged);
+    the stream goes on to its end and is billed when the lock is free again."""
+    path = tmp_path / "locked.db"
+    app = make_app(f"sqlite:///{path}", ALLOW_PRIVATE_UPSTREAMS=True, RELAY_CHECKPOINT_S=0.01,
+                   SQLITE_BUSY_TIMEOUT_MS=50)
+    with app.app_context():
+        db.create_all()
+        acct = make_account(seed_catalog())
+        add_channels(upstream, openai_models="gpt-4o-mini=fake-model@delay_ms=30")
+        db.session.remove()
+        r = app.test_client().post("/v1/chat/completions", headers=bearer(acct), buffered=False,
+                                   json={"model": "gpt-4o-mini", "messages": HI, "stream": True})
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            with caplog.at_level(logging.WARNING):
+                body = b"".join(r.response)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        r.close()
+        assert body.rstrip().endswith(b"data: [DONE]")
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(body) if e.get("choices"))
+        assert text == "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
+        assert any("checkpoint skipped" in m for m in caplog.messages)
+        rec = only_record()
+        assert (rec.status, rec.usage_source) == ("ok", "upstream")
+        assert_consistent(acct.user_id)
+        close_client(app)
+        db.session.remove()
+        db.engine.dispose()
 
 def test_stream_injects_usage_and_strips_the_extra_chunk(relay, upstream):
     """The relay asks upstream for usage but a client that did not ask never sees the usage chunk."""

@@ -3,14 +3,18 @@ openai and anthropic SDKs; disconnects, a killed worker, concurrency races and a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sqlite3
 import subprocess
+import threading
 import time
 
 import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
 from sqlalchemy import update
 
@@ -220,6 +224,68 @@ def test_killed_worker_is_settled_by_reconcile(db_url, slow_upstream):
         assert (rec.status, rec.usage_source) == ("partial", "estimated") and "reconciler" in rec.error
         assert rec.charge_micros == recomputed(rec) > 0
         assert_consistent(acct.user_id)
+
+
+def _hold_wallet_lock(db_url: str, user_id: int):
+    """Takes what a settle must wait for (the SQLite write lock, the PostgreSQL wallet row) on a
+    connection of the test's own; returns the function that lets it go."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        conn = psycopg.connect(db_url.replace("+psycopg", "", 1))
+        conn.execute("SELECT 1 FROM wallets WHERE user_id = %s FOR UPDATE", (user_id,))
+
+    def release():
+        conn.execute("ROLLBACK")
+        conn.close()
+    return release
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_the_client_has_the_whole_reply_before_the_settle(db_url, slow_upstream, stream):
+    """The settle runs when the server closes the response, after its last byte: while a lock
+    holds the settle up, the client already has the complete reply (the end of the stream, or
+    the whole JSON body), the record is still pending, and it is billed once the lock goes."""
+    fake_reset(slow_upstream)
+    app, acct = prepare(db_url, slow_upstream)
+    got: dict = {}
+    env = {**ENV, "RELAY_TOTAL_DEADLINE_S": "30", "RELAY_IDLE_TIMEOUT_S": "10", "RELAY_CHECKPOINT_S": "60"}
+    with gunicorn(db_url, workers=1, env=env) as base:
+        def call():
+            body = {"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=20,
+                              headers={"Authorization": f"Bearer {acct.key}"}) as resp:
+                got["body"] = resp.read().decode()
+        client = threading.Thread(target=call)
+        client.start()
+        with app.app_context():
+            for _ in range(200):  # admitted: the upstream now takes 4 s to answer
+                if records():
+                    break
+                time.sleep(0.02)
+        release = _hold_wallet_lock(db_url, acct.user_id)
+        try:
+            client.join(timeout=15)
+            assert not client.is_alive(), "the reply waited for the settle"
+            words = " ".join(f"chunk {i}" for i in range(40))
+            if stream:
+                assert got["body"].rstrip().endswith("data: [DONE]")
+            else:
+                assert json.loads(got["body"])["choices"][0]["message"]["content"] == words, got["body"]
+            with app.app_context():
+                assert [r.status for r in records()] == ["pending"]
+        finally:
+            release()
+        with app.app_context():
+            deadline = time.monotonic() + 10
+            while records()[0].status == "pending":
+                assert time.monotonic() < deadline, "never settled after the lock went"
+                time.sleep(0.05)
+            rec = records()[0]
+            assert (rec.status, rec.usage_source) == ("ok", "upstream")
+            assert rec.charge_micros == recomputed(rec) > 0
+            assert_consistent(acct.user_id)
 
 
 async def _fire(base: str, key: str, n: int, body: dict, stream: bool = False) -> list[int]:

@@ -299,7 +299,7 @@ def test_csv_export_rows_and_totals_equal_the_records(ctx, client):
                           created_at=utcnow() - timedelta(seconds=i)) for i in range(40)]
     rows.append(record_values(me, key_id=k, status="failed", model="gpt-4o"))
     add_records(rows)
-    resp = client.get("/usage/export.csv?model=gpt-4o")
+    resp = client.get("/usage/export.csv?model=gpt-4o", buffered=False)
     assert resp.status_code == 200 and resp.mimetype == "text/csv"
     assert resp.is_streamed
     assert "attachment" in resp.headers["Content-Disposition"]

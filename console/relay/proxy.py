@@ -163,8 +163,8 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
                 output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0))
         out.latency_ms = out.ttfb_ms = _ms(started)
         out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, route.id, up_id
-        metering.settle(adm, out)
-        return Reply(200, data, {"content-type": ctype})
+        return Reply(200, _WholeBody(current_app._get_current_object(), data, adm, out),
+                     {"content-type": ctype, "content-length": str(len(data))})
 
     meter = StreamMeter(call.surface, strip_usage_chunk=opened.strip)
     gen = _StreamBody(_stream(current_app._get_current_object(), call, adm, opened, meter, deadline, up_id))
@@ -196,9 +196,39 @@ def _open(routes, call: Call, deadline: float) -> _Opened:
     return _Opened(opened.route, opened.response, opened.attempts, body_for(opened.route)[1])
 
 
+def _settle_logged(app, adm: Admission, out: Outcome) -> None:
+    with app.app_context():
+        try:
+            metering.settle(adm, out)
+        except Exception:  # the reconciler will settle it; never lose the error
+            app.logger.exception("settle failed for %s", adm.request_id)
+
+
+class _WholeBody:
+    """A complete (non-streamed) reply. Its settle runs in close(), which the WSGI server calls
+    after the last byte is written (gunicorn, werkzeug), so the client never waits for the
+    billing commit; it runs also when that write failed: the upstream served the call, so it is
+    billed in full, as before the body was sent. Exactly once, like a stream's settle."""
+
+    def __init__(self, app, data: bytes, adm: Admission, out: Outcome):
+        self._app, self._data, self._adm, self._out = app, data, adm, out
+
+    def __iter__(self):
+        return iter((self._data,))
+
+    def close(self) -> None:
+        adm, self._adm = self._adm, None
+        if adm is not None:
+            _settle_logged(self._app, adm, self._out)
+
+
 class _StreamBody:
     """The response iterable. A generator closed before its first step never runs its
-    `finally`, so close() first steps into it: the settle then runs on every path."""
+    `finally`, so close() first steps into it: the settle then runs on every path.
+
+    The stream ends for the server at the generator's _END, where the generator waits: the
+    server writes the end of the response (the last chunk) and only then calls close(), which
+    settles. So the client has the whole reply before the billing commit starts."""
 
     def __init__(self, gen):
         self._gen = gen
@@ -209,7 +239,10 @@ class _StreamBody:
 
     def __next__(self) -> bytes:
         self._started = True
-        return next(self._gen)
+        chunk = next(self._gen)
+        if chunk is _END:
+            raise StopIteration
+        return chunk
 
     def close(self) -> None:
         if not self._started:
@@ -223,6 +256,7 @@ class _StreamBody:
 
 
 _NOT_STARTED = object()
+_END = object()
 
 
 def _error_event(call: Call, message: str) -> bytes:
@@ -241,7 +275,7 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
     next_checkpoint = time.monotonic() + checkpoint_every
     ttfb = None
     broke: str | None = None
-    client_gone = False
+    client_gone = done = False
     try:
         if (yield b"") is _NOT_STARTED:  # closed before the first step: nothing reached the client
             client_gone = True
@@ -261,7 +295,10 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
                 if now > next_checkpoint and meter.chars:
                     next_checkpoint = now + checkpoint_every
                     with app.app_context():
-                        metering.checkpoint(adm.record_id, meter.chars)
+                        try:
+                            metering.checkpoint(adm.record_id, meter.chars)
+                        except Exception:  # progress only: a busy database must not cut the stream
+                            app.logger.warning("checkpoint skipped for %s", adm.request_id, exc_info=True)
             else:
                 rest = meter.rest()
                 if rest:
@@ -270,8 +307,10 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
             broke = redact(f"upstream stream broke: {type(exc).__name__}")
         if broke:
             yield _error_event(call, "The upstream stream was interrupted.")
+        done = True
+        yield _END  # close() comes after the server has written the end of the response
     except GeneratorExit:
-        client_gone = True
+        client_gone = not done
         raise
     finally:
         resp.close()
@@ -279,11 +318,7 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
         out.latency_ms, out.ttfb_ms = _ms(adm.started), ttfb
         out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, opened.route.id, up_id
         out.delivered_chars = meter.chars
-        with app.app_context():
-            try:
-                metering.settle(adm, out)
-            except Exception:  # the reconciler will settle it; never lose the error
-                app.logger.exception("settle failed for %s", adm.request_id)
+        _settle_logged(app, adm, out)
 
 
 def _stream_outcome(adm: Admission, meter: StreamMeter, broke: str | None, client_gone: bool) -> Outcome:

@@ -117,12 +117,12 @@ def setup_relay(base: str, **group) -> Account:
 
 
 def records() -> list[UsageRecord]:
-    db.session.expire_all()
+    db.session.rollback()  # a fresh read: not the snapshot of a read transaction left open
     return list(db.session.scalars(sql_select(UsageRecord).order_by(UsageRecord.id)))
 
 
 def wallet(user_id: int) -> Wallet:
-    db.session.expire_all()
+    db.session.rollback()
     return db.session.scalar(sql_select(Wallet).where(Wallet.user_id == user_id))
 
 
