@@ -280,14 +280,45 @@ class RawTx:
         return None if row is None else row[0]
 
 
+def _off_loop(fn, *args):
+    """fn(*args) in gevent's thread pool when this process runs gevent, so that the hub serves
+    the other greenlets while fn blocks in C (a durable SQLite commit waits for its fsync, and
+    would freeze every call of the worker meanwhile); inline otherwise.
+
+    The caller's connection is busy in the pool thread until fn returns, so an interruption
+    of the waiting greenlet (a kill at shutdown) first waits for fn's outcome: nothing may
+    use, roll back or pool the connection while a COMMIT is still running on it."""
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        return fn(*args)
+    from gevent import get_hub
+
+    result = get_hub().threadpool.spawn(fn, *args)
+    interrupted = None
+    while True:
+        try:
+            value = result.get()
+            break
+        except BaseException as exc:
+            if result.ready():  # fn itself failed
+                raise
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+    return value
+
+
 @contextmanager
-def raw_tx(*, write: bool, durable: bool = True, lock_wait_s: float | None = None) -> Iterator[RawTx]:
+def raw_tx(*, write: bool, durable: bool = True, lock_wait_s: float | None = None,
+           commit_off_loop: bool = False) -> Iterator[RawTx]:
     """One short transaction on a pooled DBAPI connection, outside the ORM session.
 
     write=True: BEGIN IMMEDIATE on SQLite (waiting cooperatively as write_tx() does, or up to
     lock_wait_s when that is longer; DatabaseBusy after that), committed on exit and rolled back on error;
     durable= as in write_tx(). write=False: autocommit, each statement its own transaction —
     a read, or on PostgreSQL one self-contained write statement (no BEGIN/COMMIT round trips).
+    commit_off_loop: run the COMMIT through _off_loop() (SQLite: its fsync blocks in C).
     """
     engine = db.engine
     fairy = engine.raw_connection()
@@ -309,7 +340,10 @@ def raw_tx(*, write: bool, durable: bool = True, lock_wait_s: float | None = Non
         cur = dbapi.cursor()
         yield RawTx(engine.dialect, cur)
         if began:
-            cur.execute("COMMIT")
+            if commit_off_loop:
+                _off_loop(cur.execute, "COMMIT")
+            else:
+                cur.execute("COMMIT")
     finally:
         try:
             # Whatever is still open (an error, or a COMMIT that failed) is rolled back.
@@ -348,12 +382,17 @@ class GroupCommit:
     for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
     leads. Works with threads and with gevent (whose monkey patching makes the Event
     cooperative). A job is a function work(tx) -> result; it must not call run() itself.
+
+    busy(): true when other work of this process could run during a commit. A durable commit
+    then waits for its fsync in gevent's thread pool (_off_loop) instead of on the event loop;
+    alone, it commits inline, which spares the hand-off to the thread.
     """
 
-    def __init__(self):
+    def __init__(self, busy=None):
         self._mutex = threading.Lock()
         self._queue: list[_Job] = []
         self._leading = False
+        self._busy = busy or (lambda: False)
 
     def run(self, work, *, durable: bool = True, lock_wait_s: float | None = None):
         wait = max(current_app.config.get("SQLITE_BUSY_TIMEOUT_MS", 5000) / 1000, lock_wait_s or 0)
@@ -389,10 +428,10 @@ class GroupCommit:
             if nxt is not None:
                 nxt.done.set()
 
-    @staticmethod
-    def _commit(batch: list[_Job]) -> None:
+    def _commit(self, batch: list[_Job]) -> None:
+        durable = any(j.durable for j in batch)
         try:
-            with raw_tx(write=True, durable=any(j.durable for j in batch),
+            with raw_tx(write=True, durable=durable, commit_off_loop=durable and self._busy(),
                         lock_wait_s=max(j.deadline for j in batch) - time.monotonic()) as tx:
                 now = time.monotonic()
                 for job in batch:

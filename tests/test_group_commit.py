@@ -239,3 +239,55 @@ def test_postgres_statements_that_arrive_together_share_one_transaction(pg_app, 
     with pg_app.app_context(), db.engine.connect() as conn:
         assert sorted(r[0] for r in conn.exec_driver_sql("SELECT tag FROM item")) == ["a", "b", "leader"]
     assert not gc._queue and not gc._leading
+
+
+_OFF_LOOP_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import _thread, time, gevent
+from console.database import _off_loop
+
+ticks = []
+def ticker():
+    while True:
+        ticks.append(time.monotonic())
+        gevent.sleep(0.01)
+
+t = gevent.spawn(ticker)
+gevent.sleep(0.05)
+before = len(ticks)
+finished = []
+def slow():
+    # A call that blocks its OS thread in C for 0.3 s, as an fsync does.
+    held = _thread.allocate_lock()
+    held.acquire()
+    held.acquire(True, 0.3)
+    finished.append(time.monotonic())
+    return "done"
+
+assert _off_loop(slow) == "done"
+progressed = len(ticks) - before
+finished.clear()
+waiter = gevent.spawn(_off_loop, slow)
+gevent.sleep(0.05)
+waiter.kill(block=False)
+waiter.join()
+killed_at = time.monotonic()
+print(progressed, bool(finished), bool(finished) and finished[0] <= killed_at, type(waiter.value).__name__)
+"""
+
+
+def test_off_loop_commit_frees_the_event_loop_and_outlives_a_kill(tmp_path):
+    """Under gevent, a blocking call sent off the loop lets other greenlets run; a greenlet killed
+    while waiting for it returns only after the call finished (its connection is then free)."""
+    import subprocess
+    import sys
+
+    from tests.support.server import ROOT
+
+    res = subprocess.run([sys.executable, "-c", _OFF_LOOP_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    progressed, finished, in_order, exc = res.stdout.split()
+    assert int(progressed) >= 10  # ~30 ticks of 10 ms while the pool thread blocked for 0.3 s
+    assert (finished, in_order, exc) == ("True", "True", "GreenletExit")

@@ -273,8 +273,10 @@ def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, s
     now = utcnow()
     deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])
     try:
-        return _admit(caller, model, hold, now, deadline, request_id=request_id, endpoint=endpoint,
-                      stream=stream, est=est, client_ip=client_ip)
+        adm = _admit(caller, model, hold, now, deadline, request_id=request_id, endpoint=endpoint,
+                     stream=stream, est=est, client_ip=client_ip)
+        _OpenCalls.n += 1
+        return adm
     except (DatabaseBusy, PoolTimeout):
         # Nothing was written; the client may retry (OpenAI and Anthropic SDKs do on 503).
         raise RelayError(503, "The service is busy; retry in a moment.", code="overloaded",
@@ -327,6 +329,13 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
                      est.input_tokens())
 
 
+class _OpenCalls:
+    """Calls of this process between admission and settle. A hint for the SQLite group commit
+    only: with other calls open, a settle's fsync is waited for off the event loop."""
+
+    n = 0
+
+
 def group_commit() -> GroupCommit:
     """This process's group commit for relay writes: on SQLite jobs are functions of the
     transaction, on PostgreSQL single statements run after locking their user's wallet
@@ -335,7 +344,8 @@ def group_commit() -> GroupCommit:
     gc = ext.get("relay_group_commit")
     if gc is None:
         pg = db.engine.dialect.name == "postgresql"
-        gc = ext["relay_group_commit"] = PgGroupCommit(ledger.PG_LOCK_WALLETS) if pg else GroupCommit()
+        gc = ext["relay_group_commit"] = (PgGroupCommit(ledger.PG_LOCK_WALLETS) if pg
+                                          else GroupCommit(busy=lambda: _OpenCalls.n > 1))
     return gc
 
 
@@ -452,7 +462,15 @@ class Outcome:
 
 
 def settle(adm: Admission, out: Outcome) -> bool:
-    """Charge the outcome and release the hold, exactly once. False if already settled."""
+    """Charge the outcome and release the hold, exactly once. False if already settled.
+    For an admission of this process (admit()); the reconciler settles through _settle()."""
+    try:
+        return _settle(adm, out)
+    finally:
+        _OpenCalls.n -= 1
+
+
+def _settle(adm: Admission, out: Outcome) -> bool:
     q = quote(out.tokens, adm.prices, adm.multiplier_ppm) if out.status != "failed" else None
     charge = q.charge_micros if q else 0
     official = q.official_pico if q else 0
@@ -538,5 +556,5 @@ def reconcile(limit: int = 500) -> int:
         latency = int((utcnow() - r[14]).total_seconds() * 1000)
         out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[13],
                       error="not settled by its worker (crash or restart); settled by the reconciler")
-        settled += settle(adm, out)
+        settled += _settle(adm, out)
     return settled
