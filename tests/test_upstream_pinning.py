@@ -106,3 +106,55 @@ def test_a_channel_whose_name_now_resolves_inside_is_never_called(relay, upstrea
     assert ch.fail_count >= 1 and "non-public" in ch.last_error
     assert [(x.status, x.charge_micros) for x in records()] == [("failed", 0)]
     assert_consistent(acct.user_id)
+
+
+_READABLE_SCRIPT = r"""
+import sys
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+    import select
+
+    def cooperative_poll(*args, **kwargs):
+        raise AssertionError("the cooperative poll() was used")
+
+    select.poll = cooperative_poll  # what httpcore's own check would call
+import socket, time
+from console.relay.upstream import PinnedBackend
+
+def readable(stream, want):
+    for _ in range(200):  # the peer's bytes cross loopback asynchronously
+        if stream.get_extra_info("is_readable") == want:
+            return want
+        time.sleep(0.005)
+    return not want
+
+server = socket.create_server(("127.0.0.1", 0))
+stream = PinnedBackend(allow_private=True).connect_tcp("127.0.0.1", server.getsockname()[1], timeout=2)
+peer, _ = server.accept()
+seen = [stream.get_extra_info("is_readable")]
+peer.sendall(b"x")
+seen.append(readable(stream, True))
+seen.append(stream.read(10, timeout=2) == b"x")
+seen.append(stream.get_extra_info("is_readable"))
+peer.close()  # the upstream closed an idle keep-alive connection
+seen.append(readable(stream, True))
+stream.close()
+print(" ".join(map(str, seen)))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["threads", "gevent"])
+def test_an_idle_connection_is_readable_only_when_the_upstream_sent_or_closed(runtime):
+    """httpcore drops a pooled connection it finds readable while idle (the upstream closed it).
+    The relay's streams answer that with the operating system's poll(), also under gevent,
+    whose cooperative poll() costs a hub round trip per pooled connection per request."""
+    import subprocess
+    import sys
+
+    from tests.support.server import ROOT
+
+    res = subprocess.run([sys.executable, "-c", _READABLE_SCRIPT, runtime], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "True", "True", "False", "True"]

@@ -95,6 +95,13 @@ def _fail(adm: Admission, started: float, error: str, attempts: int, channel_id:
                                  channel_id=channel_id, upstream_request_id=upstream_id, error=error))
 
 
+def _release_session() -> None:
+    """Close the request's ORM session, if it has one: most calls never open one (admission and
+    settle run on raw transactions), and scoped_session.close() would first create it."""
+    if db.session.registry.has():
+        db.session.close()
+
+
 def relay_call(call: Call) -> Reply:
     """Admit, forward and bill one call (chat, responses, messages, embeddings)."""
     est = metering.estimate(call.body)
@@ -103,10 +110,10 @@ def relay_call(call: Call) -> Reply:
     # The catalog and channel caches may have refreshed through the session: give its
     # connection back before admission takes one of its own (holding one while waiting for
     # another lets a burst of calls exhaust the pool and wait on each other).
-    db.session.close()
+    _release_session()
     adm = metering.admit(call.caller, call.model, request_id=call.request_id,
                          endpoint=call.surface.name, stream=call.stream, est=est, client_ip=call.client_ip)
-    db.session.close()  # nothing of ours stays open while the upstream works
+    _release_session()  # nothing of ours stays open while the upstream works
     try:
         return _forward(call, adm, routes)
     except RelayError as exc:
@@ -345,7 +352,7 @@ def count_tokens(call: Call) -> Reply:
     metering.estimate(call.body)  # the same field checks as a billed call (400 on bad values)
     metering.check_rate(call.caller)
     routes = _candidates(call)
-    db.session.close()
+    _release_session()
     deadline = time.monotonic() + current_app.config["RELAY_TOTAL_DEADLINE_S"]
     try:
         opened = _open(routes, call, deadline)
