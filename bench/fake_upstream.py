@@ -29,6 +29,7 @@ text-generating ones (chat completions, responses, messages):
   no_usage=1         omit usage everywhere (OpenAI: no usage chunk even if asked for;
                      Anthropic: no usage in message, message_start or message_delta)
   cached_tokens=N    report N cached prompt tokens in OpenAI usage (capped at the prompt)
+  set_cookie=1       set a cookie on the reply, as a provider behind a CDN does (__cf_bm)
 
 Token counting is deliberately simple and deterministic. Input tokens = the
 characters of every string reached through the keys messages, system, input,
@@ -82,6 +83,7 @@ _KNOBS = frozenset(
         "malformed_after",
         "no_usage",
         "cached_tokens",
+        "set_cookie",
     )
 )
 _TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "content", "text")
@@ -255,10 +257,13 @@ class _Call:
         self.sc = {}
 
     def _base_headers(self, content_type):
-        return [
+        headers = [
             ("Content-Type", content_type),
             ("request-id" if self.anthropic else "x-request-id", self.rid),
         ]
+        if self.sc.get("set_cookie"):
+            headers.append(("Set-Cookie", f"__cf_bm={self.rid}; path=/; HttpOnly"))
+        return headers
 
     def error(self, status, message):
         if self.anthropic:

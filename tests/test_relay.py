@@ -252,6 +252,31 @@ def test_client_credentials_never_reach_the_upstream(relay, upstream):
     assert seen["headers"]["user-agent"] == "sdk/1.0"
 
 
+def test_upstream_cookies_are_never_kept_or_sent_back(db_url, upstream):
+    """A provider behind a CDN sets cookies on its replies. The relay's pooled clients serve every
+    user's calls, so a cookie one call received must not ride along with the next ones."""
+    from console.relay.upstream import POOL_SHARDS
+
+    fake_reset(upstream)
+    app = make_app(db_url, ALLOW_PRIVATE_UPSTREAMS=True)
+    with app.app_context():
+        db.create_all()
+        acct = make_account(seed_catalog())
+        add_channels(upstream, openai_models="gpt-4o-mini=fake-model@set_cookie=1")
+        db.session.remove()
+        client, sent = app.test_client(), []
+        try:
+            for _ in range(2 * POOL_SHARDS + 1):  # every pooled client, each more than once
+                r = client.post("/v1/chat/completions", headers=bearer(acct),
+                                json={"model": "gpt-4o-mini", "messages": HI})
+                assert r.status_code == 200
+                assert "Set-Cookie" not in r.headers  # nor passed on to the client
+                sent.append(fake_last(upstream)["headers"].get("cookie"))
+        finally:
+            close_client(app)
+        assert sent == [None] * len(sent)
+
+
 def test_auth_and_model_errors_use_each_api_shape(relay):
     """401 unknown/absent/disabled key, 404 unknown model, 403 model outside the group; no record."""
     _app, client, acct = relay

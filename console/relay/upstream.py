@@ -10,7 +10,8 @@
   (unless ALLOW_PRIVATE_UPSTREAMS) and connects to the address it checked (PinnedBackend), so
   DNS rebinding cannot turn a channel into a request to an internal service.
 - Headers: only an allowlist of the client's headers is forwarded; the channel's key is set
-  here. Client credentials, cookies, X-Forwarded-* and hop-by-hop headers never go upstream.
+  here. Client credentials, cookies, X-Forwarded-* and hop-by-hop headers never go upstream,
+  and cookies an upstream sets are dropped (the pooled clients are shared by all users).
 - Retry / failover happen only here, i.e. before the first byte reaches the client: on
   connect errors, resets before the response, 5xx, 429 (Retry-After honoured up to a cap) and
   401/403 (the channel's key is bad), at most RELAY_MAX_ATTEMPTS attempts, with exponential
@@ -19,6 +20,7 @@
 """
 from __future__ import annotations
 
+import http.cookiejar
 import itertools
 import os
 import random
@@ -136,6 +138,25 @@ def _transport(cfg) -> httpx.HTTPTransport:
     return transport
 
 
+class _NoCookies(http.cookiejar.CookiePolicy):
+    """The pooled clients serve every user's calls: a cookie an upstream sets on one reply (a
+    CDN's bot-management cookie, say) is neither kept nor sent with the calls after it."""
+
+    netscape, rfc2965, hide_cookie2 = True, False, False
+
+    def set_ok(self, cookie, request):
+        return False
+
+    def return_ok(self, cookie, request):
+        return False
+
+    def domain_return_ok(self, domain, request):
+        return False
+
+    def path_return_ok(self, path, request):
+        return False
+
+
 def client() -> httpx.Client:
     """One of this process's pooled clients, in turn (created lazily after the fork)."""
     app = current_app._get_current_object()
@@ -147,6 +168,7 @@ def client() -> httpx.Client:
                 timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
                                       write=30.0, pool=5.0),
                 follow_redirects=False,
+                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
                 # Tests may put an httpx.MockTransport at the network edge.
                 transport=cfg.get("RELAY_TRANSPORT") or _transport(cfg),
             )
