@@ -274,6 +274,8 @@ def test_upstream_cookies_are_never_kept_or_sent_back(db_url, upstream):
                 sent.append(fake_last(upstream)["headers"].get("cookie"))
         finally:
             close_client(app)
+            db.session.remove()
+            db.engine.dispose()
         assert sent == [None] * len(sent)
 
 
