@@ -443,6 +443,7 @@ class FakeUpstream:
             "body": body,
             "credential_header": credential_header,
             "credential": credential,
+            "client_port": int(environ.get("REMOTE_PORT") or 0),  # which connection it came on
         }
 
         if credential is None:

@@ -279,6 +279,42 @@ def test_upstream_cookies_are_never_kept_or_sent_back(db_url, upstream):
         assert sent == [None] * len(sent)
 
 
+def _pools(app):
+    return [transport.active for transport, _client in app.extensions["relay_http"][1]]
+
+
+def test_calls_reuse_a_warm_upstream_connection_and_spread_over_pools_when_busy(relay, upstream):
+    """One after another, calls take the same pool and its kept-alive connection (no new TCP or
+    TLS handshake per call); calls in flight together go to the pools with the fewest, so no
+    pool grows large. A pool counts a call until its response is closed, failed attempts too."""
+    app, client, acct = relay
+    body = {"model": "gpt-4o-mini", "messages": HI}
+    ports = []
+    for _ in range(4):
+        assert client.post("/v1/chat/completions", headers=bearer(acct), json=body).status_code == 200
+        ports.append(fake_last(upstream)["client_port"])
+    assert len(set(ports)) == 1 and ports[0] > 0
+    assert set(_pools(app)) == {0}
+
+    open_streams = []
+    for _ in range(3):
+        r = client.post("/v1/chat/completions", headers=bearer(acct), buffered=False,
+                        json={**body, "stream": True})
+        assert r.status_code == 200
+        open_streams.append(r)
+        ports.append(fake_last(upstream)["client_port"])
+    assert _pools(app)[:4] == [1, 1, 1, 0] and sum(_pools(app)) == 3
+    assert len(set(ports[-3:])) == 3  # three connections at once
+    for r in open_streams:
+        b"".join(r.response)
+        r.close()
+    assert set(_pools(app)) == {0}
+
+    scenario(upstream, "status=500")  # every attempt fails: each response is closed
+    assert client.post("/v1/chat/completions", headers=bearer(acct), json=body).status_code == 502
+    assert set(_pools(app)) == {0}
+
+
 def test_auth_and_model_errors_use_each_api_shape(relay):
     """401 unknown/absent/disabled key, 404 unknown model, 403 model outside the group; no record."""
     _app, client, acct = relay

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import http.cookiejar
-import itertools
 import os
 import random
 import select
@@ -44,9 +43,12 @@ ANTHROPIC_VERSION = "2023-06-01"
 MAX_ERROR_BODY = 64 * 1024
 
 
-# httpcore's pool scans all its connections on every response close, so one pool holding
-# hundreds of streams costs time quadratic in its size; a few pools used in turn keep each small.
-POOL_SHARDS = 8
+# httpcore's pool scans all its connections each time a request starts and a response closes,
+# so one pool holding hundreds of streams costs time quadratic in its size. Calls therefore go
+# to the pool with the fewest calls in flight, the first one on a tie: a few busy pools stay
+# small, and at a light load every call goes to the first pool, whose idle connection is still
+# alive (httpx drops one idle for 5 s), so no call pays a new TCP and TLS handshake.
+POOL_SHARDS = 32
 
 
 class PinnedBackend(httpcore.SyncBackend):
@@ -157,26 +159,64 @@ class _NoCookies(http.cookiejar.CookiePolicy):
         return False
 
 
+class _Counted(httpx.BaseTransport):
+    """A transport that counts its calls in flight: from the request until its response is
+    closed (or the request failed). Only a hint for choosing a pool (an event loop's calls do
+    not race; threads could miscount by one, which only moves a call to another pool)."""
+
+    def __init__(self, inner: httpx.BaseTransport):
+        self._inner, self.active = inner, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.active += 1
+        try:
+            resp = self._inner.handle_request(request)
+        except BaseException:
+            self.active -= 1
+            raise
+        resp.stream = _CountedStream(resp.stream, self)
+        return resp
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _CountedStream(httpx.SyncByteStream):
+    def __init__(self, inner, owner: _Counted):
+        self._inner, self._owner = inner, owner
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.active -= 1
+        self._inner.close()
+
+
 def client() -> httpx.Client:
-    """One of this process's pooled clients, in turn (created lazily after the fork)."""
+    """This process's pooled client with the fewest calls in flight (created after the fork)."""
     app = current_app._get_current_object()
     held = app.extensions.get("relay_http")
     if held is None or held[0] != os.getpid():
         cfg = app.config
-        clients = [
-            httpx.Client(
+        clients = []
+        for _ in range(1 if cfg.get("RELAY_TRANSPORT") else POOL_SHARDS):
+            transport = _Counted(cfg.get("RELAY_TRANSPORT") or _transport(cfg))  # tests: a MockTransport
+            clients.append((transport, httpx.Client(
                 timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
                                       write=30.0, pool=5.0),
                 follow_redirects=False,
                 cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
-                # Tests may put an httpx.MockTransport at the network edge.
-                transport=cfg.get("RELAY_TRANSPORT") or _transport(cfg),
-            )
-            for _ in range(1 if cfg.get("RELAY_TRANSPORT") else POOL_SHARDS)
-        ]
-        held = app.extensions["relay_http"] = (os.getpid(), clients, itertools.count())
-    _pid, clients, turn = held
-    return clients[next(turn) % len(clients)]
+                transport=transport,
+            )))
+        held = app.extensions["relay_http"] = (os.getpid(), clients)
+    return min(held[1], key=_in_flight)[1]
+
+
+def _in_flight(pair) -> int:
+    return pair[0].active
 
 
 def request_headers(route: Route, client_headers: dict[str, str]) -> dict[str, str]:
@@ -289,5 +329,5 @@ def close_client(app) -> None:
     """Close this process's pooled client (app teardown, tests)."""
     held = app.extensions.pop("relay_http", None)
     if held is not None:
-        for c in held[1]:
+        for _, c in held[1]:
             c.close()
