@@ -1,19 +1,20 @@
 """The bare forwarder: the ceiling of this stack for the relay benchmark.
 
-Flask + pooled httpx clients (per process, sharded like the relay's), no auth, no database,
-no billing: it passes every /v1 request to UPSTREAM_URL and streams the answer back chunk by
-chunk, exactly the transport work the relay does. Served with the relay's own gunicorn
+Flask + the relay's own pooled httpx clients (console.relay.upstream.Pools), no auth, no
+database, no billing: it passes every /v1 request to UPSTREAM_URL and streams the answer back
+chunk by chunk, exactly the transport work the relay does. Served with the relay's own gunicorn
 settings, so the gap between this and the relay is the cost of auth, admission and settlement:
 
     UPSTREAM_URL=http://127.0.0.1:9000 gunicorn -c python:console.gunicorn_conf bench.forwarder:app
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import httpx
 from flask import Flask, Response, request
+
+from console.relay.upstream import POOL_SHARDS, Pools
 
 UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:9000").rstrip("/")
 # Hop-by-hop headers (RFC 9110 §7.6.1). Content-Length passes: iter_raw() yields the body
@@ -22,25 +23,21 @@ _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-autho
                   "trailer", "transfer-encoding", "upgrade", "host"))
 _FORWARD = ("content-type", "accept", "x-fake-scenario", "anthropic-version", "anthropic-beta")
 
-# Calls go to several httpx clients in turn, as in the relay (console/relay/upstream.py):
-# httpcore's pool does work quadratic in its size on every response close, so a few small
-# pools are much cheaper than one big one at hundreds of streams.
-POOLS = max(1, int(os.environ.get("FORWARDER_POOLS", "8")))
+# The relay's pools (console/relay/upstream.py): several small httpx pools, each call on the
+# one with the fewest calls in flight. FORWARDER_POOLS changes their number for experiments.
+POOLS = max(1, int(os.environ.get("FORWARDER_POOLS", str(POOL_SHARDS))))
 
 app = Flask(__name__)
-_clients: list[httpx.Client] = []
-_next = itertools.count()
+_pools: list[Pools] = []
 
 
 def _http() -> httpx.Client:
     # Created lazily, so each gunicorn worker builds its own pools after the fork (and after
     # the gevent worker has patched the socket module).
-    if not _clients:
-        _clients.extend(httpx.Client(
-            timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2000),
-        ) for _ in range(POOLS))
-    return _clients[next(_next) % POOLS]
+    if not _pools:
+        _pools.append(Pools(timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=30.0),
+                            allow_private=True, shards=POOLS))
+    return _pools[0].pick()
 
 
 @app.get("/healthz")

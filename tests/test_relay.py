@@ -280,7 +280,7 @@ def test_upstream_cookies_are_never_kept_or_sent_back(db_url, upstream):
 
 
 def _pools(app):
-    return [transport.active for transport, _client in app.extensions["relay_http"][1]]
+    return app.extensions["relay_http"][1].in_flight()
 
 
 def test_calls_reuse_a_warm_upstream_connection_and_spread_over_pools_when_busy(relay, upstream):

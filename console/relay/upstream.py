@@ -130,13 +130,13 @@ class _Stream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
-def _transport(cfg) -> httpx.HTTPTransport:
+def _transport(allow_private: bool) -> httpx.HTTPTransport:
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
     # httpx takes no network backend; its connection pool does (httpcore 1.x, pinned in pyproject).
     pool = transport._pool
     if not isinstance(pool, httpcore.ConnectionPool) or not hasattr(pool, "_network_backend"):
         raise RuntimeError("unexpected httpx transport: cannot pin upstream addresses")
-    pool._network_backend = PinnedBackend(allow_private=bool(cfg.get("ALLOW_PRIVATE_UPSTREAMS")))
+    pool._network_backend = PinnedBackend(allow_private=allow_private)
     return transport
 
 
@@ -195,28 +195,48 @@ class _CountedStream(httpx.SyncByteStream):
         self._inner.close()
 
 
+class Pools:
+    """A process's httpx clients to upstreams: `shards` clients, each with its own connection
+    pool on a PinnedBackend, no cookies, no redirects. pick() gives the one with the fewest
+    calls in flight, the first on a tie (see POOL_SHARDS). The benchmark's bare forwarder uses
+    it too, so the two do the same transport work."""
+
+    def __init__(self, *, timeout: httpx.Timeout, allow_private: bool, shards: int = POOL_SHARDS,
+                 transport: httpx.BaseTransport | None = None):
+        self._shards = []
+        for _ in range(1 if transport is not None else shards):
+            counted = _Counted(transport or _transport(allow_private))
+            self._shards.append((counted, httpx.Client(
+                timeout=timeout, follow_redirects=False, transport=counted,
+                cookies=http.cookiejar.CookieJar(policy=_NoCookies()))))
+
+    def pick(self) -> httpx.Client:
+        return min(self._shards, key=_in_flight)[1]
+
+    def in_flight(self) -> list[int]:
+        return [counted.active for counted, _client in self._shards]
+
+    def close(self) -> None:
+        for _counted, c in self._shards:
+            c.close()
+
+
+def _in_flight(shard) -> int:
+    return shard[0].active
+
+
 def client() -> httpx.Client:
     """This process's pooled client with the fewest calls in flight (created after the fork)."""
     app = current_app._get_current_object()
     held = app.extensions.get("relay_http")
     if held is None or held[0] != os.getpid():
         cfg = app.config
-        clients = []
-        for _ in range(1 if cfg.get("RELAY_TRANSPORT") else POOL_SHARDS):
-            transport = _Counted(cfg.get("RELAY_TRANSPORT") or _transport(cfg))  # tests: a MockTransport
-            clients.append((transport, httpx.Client(
-                timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
-                                      write=30.0, pool=5.0),
-                follow_redirects=False,
-                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
-                transport=transport,
-            )))
-        held = app.extensions["relay_http"] = (os.getpid(), clients)
-    return min(held[1], key=_in_flight)[1]
-
-
-def _in_flight(pair) -> int:
-    return pair[0].active
+        held = app.extensions["relay_http"] = (os.getpid(), Pools(
+            timeout=httpx.Timeout(connect=cfg["RELAY_CONNECT_TIMEOUT_S"], read=cfg["RELAY_IDLE_TIMEOUT_S"],
+                                  write=30.0, pool=5.0),
+            allow_private=bool(cfg.get("ALLOW_PRIVATE_UPSTREAMS")),
+            transport=cfg.get("RELAY_TRANSPORT")))  # tests may put an httpx.MockTransport at the network edge
+    return held[1].pick()
 
 
 def request_headers(route: Route, client_headers: dict[str, str]) -> dict[str, str]:
@@ -329,5 +349,4 @@ def close_client(app) -> None:
     """Close this process's pooled client (app teardown, tests)."""
     held = app.extensions.pop("relay_http", None)
     if held is not None:
-        for _, c in held[1]:
-            c.close()
+        held[1].close()
