@@ -20,7 +20,6 @@
 """
 from __future__ import annotations
 
-import http.cookiejar
 import os
 import random
 import select
@@ -140,23 +139,28 @@ def _transport(allow_private: bool) -> httpx.HTTPTransport:
     return transport
 
 
-class _NoCookies(http.cookiejar.CookiePolicy):
-    """The pooled clients serve every user's calls: a cookie an upstream sets on one reply (a
-    CDN's bot-management cookie, say) is neither kept nor sent with the calls after it."""
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that stays empty: the pooled clients serve every user's calls, so a cookie
+    an upstream sets on one reply (a CDN's bot-management cookie, say) is neither kept nor sent
+    with the calls after it. It also spares httpx's cookie parsing of every response."""
 
-    netscape, rfc2965, hide_cookie2 = True, False, False
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
 
-    def set_ok(self, cookie, request):
-        return False
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        pass
 
-    def return_ok(self, cookie, request):
-        return False
 
-    def domain_return_ok(self, domain, request):
-        return False
+class _Client(httpx.Client):
+    """An httpx client whose cookies are always _NoCookies."""
 
-    def path_return_ok(self, path, request):
-        return False
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NoCookies()
+
+    @cookies.setter
+    def cookies(self, value) -> None:
+        raise AttributeError("the upstream clients keep no cookies")
 
 
 class _Counted(httpx.BaseTransport):
@@ -206,9 +210,7 @@ class Pools:
         self._shards = []
         for _ in range(1 if transport is not None else shards):
             counted = _Counted(transport or _transport(allow_private))
-            self._shards.append((counted, httpx.Client(
-                timeout=timeout, follow_redirects=False, transport=counted,
-                cookies=http.cookiejar.CookieJar(policy=_NoCookies()))))
+            self._shards.append((counted, _Client(timeout=timeout, follow_redirects=False, transport=counted)))
 
     def pick(self) -> httpx.Client:
         return min(self._shards, key=_in_flight)[1]
