@@ -1,8 +1,9 @@
-"""The HTTP side of the relay: one pooled httpx client per process, headers, retries, failover.
+"""The HTTP side of the relay: pooled httpx clients per process, headers, retries, failover.
 
-- One `httpx.Client` per worker process, created lazily after the fork (a client inherited
-  across fork would share sockets between processes). `follow_redirects=False`: the relay
-  only ever talks to a channel's staff-configured base URL.
+- Per worker process, POOL_SHARDS httpx clients (`Pools`), created lazily after the fork (a
+  client inherited across fork would share sockets between processes); each call takes the one
+  with the fewest calls in flight. `follow_redirects=False`: the relay only ever talks to a
+  channel's staff-configured base URL.
 - Timeouts: connect, per-chunk idle read (bounded by what is left of the call's total
   deadline) and the total deadline itself, which the caller checks between chunks, so a
   drip-feeding upstream cannot hold a call forever.
@@ -100,8 +101,9 @@ class _Stream(httpcore.NetworkStream):
     httpcore asks every pooled connection whether its idle socket is readable (the upstream
     closed it) each time a request starts or a response closes. Its check calls select.poll(),
     which gevent replaces with a cooperative version that sets up watchers and yields to the
-    hub: a few percent of a worker's time with hundreds of pooled connections. A zero-timeout
-    poll() never blocks, so the operating system's own is used; the answer is the same."""
+    hub, per pooled connection: at 256 slow streams that cost about a third of the relay's
+    throughput (bench/README.md, finding 16). A zero-timeout poll() never blocks, so the
+    operating system's own is used; the answer is the same."""
 
     def __init__(self, inner: httpcore.NetworkStream):
         self._inner = inner
