@@ -1,6 +1,7 @@
 """Per-key requests-per-minute limits of a group, in-process and across gunicorn workers."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -34,10 +35,39 @@ def _setup(db_url: str, upstream: str, rpm: int):
     return app, acct, second
 
 
-def test_rpm_is_counted_per_key(db_url, upstream):
+@pytest.fixture
+def limited(db_url, upstream):
+    """_setup(rpm) for a test; every app it made is closed afterwards, also when the test failed
+    (an unclosed upstream connection would fail whichever later test collects it)."""
+    apps = []
+
+    def make(rpm: int):
+        made = _setup(db_url, upstream, rpm)
+        apps.append(made[0])
+        return made
+
+    yield make
+    for app in apps:
+        close_client(app)
+        with app.app_context():
+            db.engine.dispose()
+
+
+def _inside_one_window(window_s: float = 60.0, margin_s: float = 5.0) -> None:
+    """Start a test's counted calls well inside one rate-limit window. The sliding-window counter
+    weighs the previous window's hits by the share of it still in the last minute, so calls that
+    straddle a window edge (every whole minute) may count as one fewer: 2 hits then one more
+    just after the edge weigh floor(1.99) + 1 = 2, within a limit of 2."""
+    left = window_s - time.time() % window_s
+    if left < margin_s:
+        time.sleep(left + 0.05)
+
+
+def test_rpm_is_counted_per_key(limited):
     """With rpm 2, a key's third call in a minute is 429 with Retry-After; another key still works."""
-    app, acct, second = _setup(db_url, upstream, rpm=2)
+    app, acct, second = limited(rpm=2)
     client = app.test_client()
+    _inside_one_window()
     auth = {"Authorization": f"Bearer {acct.key}"}
     assert [client.post("/v1/chat/completions", json=CALL, headers=auth).status_code
             for _ in range(2)] == [200, 200]
@@ -47,59 +77,52 @@ def test_rpm_is_counted_per_key(db_url, upstream):
     assert refused.get_json()["error"]["type"] == "rate_limit_error"
     other = client.post("/v1/chat/completions", json=CALL, headers={"Authorization": f"Bearer {second}"})
     assert other.status_code == 200
-    close_client(app)
-    with app.app_context():
-        db.engine.dispose()
 
 
 @pytest.mark.slow
-def test_rpm_is_shared_across_workers_with_redis(db_url, upstream):
+def test_rpm_is_shared_across_workers_with_redis(db_url, limited):
     """With REDIS_URL, the per-key limit holds across 3 gunicorn workers (new connection per call)."""
     redis_url = need_redis()
-    app, acct, _second = _setup(db_url, upstream, rpm=3)
+    _app, acct, _second = limited(rpm=3)
     env = {"REDIS_URL": redis_url, "ALLOW_PRIVATE_UPSTREAMS": "1",
            "RATELIMIT_KEY_PREFIX": f"test-{uuid.uuid4().hex}"}
     with gunicorn(db_url, workers=3, env=env) as base:
         codes = []
+        _inside_one_window()
         for _ in range(7):
             with httpx.Client(base_url=base, timeout=10) as c:
                 codes.append(c.post("/v1/chat/completions", json=CALL,
                                     headers={"Authorization": f"Bearer {acct.key}"}).status_code)
     assert codes == [200] * 3 + [429] * 4
-    with app.app_context():
-        db.engine.dispose()
 
 
-def test_redis_outage_does_not_take_the_relay_down(db_url, upstream):
+def test_redis_outage_does_not_take_the_relay_down(limited):
     """Redis unreachable: calls are still served (never a 500), and each worker keeps counting
     the per-key limit in its own memory until Redis is back."""
     from tests.support.server import free_port
 
-    app, acct, _second = _setup(db_url, upstream, rpm=2)
+    app, acct, _second = limited(rpm=2)
     app.config["RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{free_port()}/0"
     client = app.test_client()
     auth = {"Authorization": f"Bearer {acct.key}"}
+    _inside_one_window()
     codes = [client.post("/v1/chat/completions", json=CALL, headers=auth).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
-    close_client(app)
-    with app.app_context():
-        db.engine.dispose()
 
 
-def test_a_redis_that_never_answers_costs_a_call_at_most_a_second(db_url, upstream):
+def test_a_redis_that_never_answers_costs_a_call_at_most_a_second(limited):
     """Redis accepts connections but never replies: the first call waits for the socket timeout
     (1 s; redis-py's own default is 5 s), then the limits count in memory and the next calls do
     not wait at all. The bound checked is the stall an outage causes, not a speed target."""
     import socket
     import threading
-    import time
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     held = []
     threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(16)], daemon=True).start()
-    app, acct, _second = _setup(db_url, upstream, rpm=100)
+    app, acct, _second = limited(rpm=100)
     app.config["RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
     client = app.test_client()
     auth = {"Authorization": f"Bearer {acct.key}"}
@@ -111,9 +134,6 @@ def test_a_redis_that_never_answers_costs_a_call_at_most_a_second(db_url, upstre
             for _ in range(3)] == [200, 200, 200]
     rest = time.monotonic() - started
     assert 0.9 <= first < 3.5 and rest < first
-    close_client(app)
     silent.close()
     for conn, _addr in held:
         conn.close()
-    with app.app_context():
-        db.engine.dispose()
