@@ -158,3 +158,24 @@ def test_an_idle_connection_is_readable_only_when_the_upstream_sent_or_closed(ru
                          text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "True", "True", "False", "True"]
+
+
+def test_every_pool_shares_one_verifying_tls_context():
+    """Building a TLS context loads the CA bundle; one per shard stalled a new worker's first
+    call for about a second. Sharing one must not loosen verification."""
+    import ssl
+
+    import httpx
+
+    from console.relay.upstream import POOL_SHARDS, PinnedBackend, Pools
+
+    pools = Pools(timeout=httpx.Timeout(5.0), allow_private=False)
+    try:
+        transports = [counted._inner for counted, _client in pools._shards]
+        contexts = {id(t._pool._ssl_context) for t in transports}
+        assert len(transports) == POOL_SHARDS and len(contexts) == 1
+        ctx = transports[0]._pool._ssl_context
+        assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        assert all(isinstance(t._pool._network_backend, PinnedBackend) for t in transports)
+    finally:
+        pools.close()

@@ -131,8 +131,9 @@ class _Stream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
-def _transport(allow_private: bool) -> httpx.HTTPTransport:
-    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+def _transport(allow_private: bool, ssl_context) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport(verify=ssl_context,
+                                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
     # httpx takes no network backend; its connection pool does (httpcore 1.x, pinned in pyproject).
     pool = transport._pool
     if not isinstance(pool, httpcore.ConnectionPool) or not hasattr(pool, "_network_backend"):
@@ -210,8 +211,11 @@ class Pools:
     def __init__(self, *, timeout: httpx.Timeout, allow_private: bool, shards: int = POOL_SHARDS,
                  transport: httpx.BaseTransport | None = None):
         self._shards = []
+        # One TLS context for every shard: building one loads the CA bundle (~30 ms of CPU),
+        # which per shard stalled a new worker's event loop for a second at its first call.
+        ssl_context = httpx.create_ssl_context() if transport is None else None
         for _ in range(1 if transport is not None else shards):
-            counted = _Counted(transport or _transport(allow_private))
+            counted = _Counted(transport or _transport(allow_private, ssl_context))
             self._shards.append((counted, _Client(timeout=timeout, follow_redirects=False, transport=counted)))
 
     def pick(self) -> httpx.Client:
