@@ -61,7 +61,7 @@ from datetime import timedelta
 from flask import current_app
 from limits import RateLimitItemPerMinute
 from limits.errors import StorageError
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -164,6 +164,31 @@ def estimate(body: dict) -> Estimate:
 STORAGE_RETRY_S = 10.0  # after the shared limit storage failed, count locally this long
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """limits' in-memory storage, its expiry sweep run inline at most once per SWEEP_EVERY_S.
+
+    The stock storage starts a timer thread 10 ms after a hit whenever none is running: up to
+    100 thread starts a second per worker, each ~0.5 ms of CPU under gevent, where a thread is
+    a greenlet (bench/README.md, finding 19). Counters expire on read either way; the sweep
+    only frees the counters of keys that stopped calling. limits is pinned (pyproject.toml):
+    the hook below is the stock storage's private method, and a test checks it is still used."""
+
+    SWEEP_EVERY_S = 1.0
+    _next_sweep = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # replaces the timer start
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_EVERY_S
+            self._MemoryStorage__expire_events()
+
+
+def _storage(uri: str, **options):
+    if uri.startswith("memory://"):
+        return SweptMemoryStorage(uri, **options)
+    return storage_from_string(uri, **options, **rate_storage_options(uri))
+
+
 def _limiter() -> SlidingWindowCounterRateLimiter:
     """The shared limiter (Redis when configured), or this process's in-memory one while the
     shared storage is failing."""
@@ -173,8 +198,7 @@ def _limiter() -> SlidingWindowCounterRateLimiter:
     lim = ext.get("relay_limiter")
     if lim is None:
         uri = current_app.config["RATELIMIT_STORAGE_URI"]
-        lim = ext["relay_limiter"] = SlidingWindowCounterRateLimiter(
-            storage_from_string(uri, wrap_exceptions=True, **rate_storage_options(uri)))
+        lim = ext["relay_limiter"] = SlidingWindowCounterRateLimiter(_storage(uri, wrap_exceptions=True))
     return lim
 
 
@@ -182,7 +206,7 @@ def _local_limiter() -> SlidingWindowCounterRateLimiter:
     ext = current_app._get_current_object().extensions
     lim = ext.get("relay_limiter_local")
     if lim is None:
-        lim = ext["relay_limiter_local"] = SlidingWindowCounterRateLimiter(storage_from_string("memory://"))
+        lim = ext["relay_limiter_local"] = SlidingWindowCounterRateLimiter(_storage("memory://"))
     return lim
 
 
