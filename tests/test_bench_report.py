@@ -18,3 +18,20 @@ def test_rounds_combine_into_medians_with_every_error_kept():
     assert relay["errors"] == 3 and relay["error_kinds"] == {"timeout": 2, "status 500": 1}
     verdicts = {label: (measured, verdict) for label, measured, _goal, verdict in evaluate(rows)}
     assert verdicts["fast c=1: relay-sqlite / forwarder rps"] == ("50 %", "**miss**")
+
+
+def test_the_body_benchmark_builds_a_valid_agent_sized_request(capsys):
+    """bench/body_bench.py: its synthetic coding-agent body is what the relay accepts (deep
+    enough to take the nesting walk, not too deep), and the script runs every step."""
+    import json
+
+    from bench.body_bench import agent_body, main
+    from console.relay.routes import _MAX_DEPTH, _too_deep
+
+    body = agent_body(40)
+    raw = json.dumps(body).encode()
+    assert len(raw) >= 40 * 1024 and raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH
+    assert json.loads(raw) == body and not _too_deep(raw, body)
+    main(["--kb", "20", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "nesting check" in out and "total" in out

@@ -342,6 +342,11 @@ def test_auth_and_model_errors_use_each_api_shape(relay):
     ({"data": "[1, 2]", "content_type": "application/json"}, 400),
     ({"data": "[" * 100000, "content_type": "application/json"}, 400),
     ({"data": '{"model": "m", "x": ' + "[" * 129 + "]" * 129 + "}", "content_type": "application/json"}, 400),
+    # Deep enough to fail a recursive re-encode, yet within what json.loads accepts.
+    ({"data": '{"model": "gpt-4o-mini", "x": ' + "[" * 900 + "]" * 900 + "}", "content_type": "application/json"}, 400),
+    # Under an image part, whose children the size estimate does not read.
+    ({"data": '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "image_url", '
+              '"image_url": ' + "[" * 200 + "]" * 200 + "}]}]}", "content_type": "application/json"}, 400),
     ({"json": {"model": 7}}, 400),
     ({"json": {"model": "gpt-4o-mini", "stream": "yes"}}, 400),
     ({"json": {"model": "gpt-4o-mini", "max_tokens": -1}}, 400),
@@ -354,6 +359,21 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(relay, kwargs, status):
     r = client.post("/v1/chat/completions", headers=bearer(acct), **kwargs)
     assert r.status_code == status, r.data[:200]
     assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+
+
+def test_depth_counts_containers_not_brackets_inside_strings(relay):
+    """128 levels (the top-level object included) pass, and brackets in text are only text:
+    a coding agent's request full of code is not refused as too deep."""
+    _app, client, acct = relay
+    code = "def f(x): return [[[{x}]]]" * 200 + "[" * 1000
+    data = ('{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ' + json.dumps(code) + '}], '
+            '"metadata_like": ' + "[" * 127 + "]" * 127 + "}")
+    r = client.post("/v1/chat/completions", data=data, content_type="application/json", headers=bearer(acct))
+    assert r.status_code == 200, r.data[:200]
+    deeper = data.replace("[" * 127 + "]" * 127, "[" * 128 + "]" * 128)
+    r = client.post("/v1/chat/completions", data=deeper, content_type="application/json", headers=bearer(acct))
+    assert r.status_code == 400 and "deeply" in r.get_json()["error"]["message"]
+    assert len(records()) == 1
 
 
 def test_insufficient_balance_is_402_with_the_available_balance(relay):
