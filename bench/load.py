@@ -203,7 +203,7 @@ def run(url, body, headers, concurrency, duration, warmup, timeout, stream, ramp
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True)
-    p.add_argument("--body", required=True, help="JSON request body")
+    p.add_argument("--body", required=True, help="JSON request body, or @FILE to read it from a file")
     p.add_argument("--header", action="append", default=[], help="extra 'name: value' header")
     p.add_argument("-c", "--concurrency", type=int, default=1)
     p.add_argument("-d", "--duration", type=float, default=5.0, help="measured seconds")
@@ -214,7 +214,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    body = args.body.encode()
+    if args.body.startswith("@"):
+        with open(args.body[1:], "rb") as f:
+            body = f.read()
+    else:
+        body = args.body.encode()
     stream = bool(json.loads(body).get("stream"))
     result = run(args.url, body, args.header, args.concurrency, args.duration, args.warmup,
                  args.timeout, stream, args.ramp)

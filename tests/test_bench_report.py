@@ -35,3 +35,13 @@ def test_the_body_benchmark_builds_a_valid_agent_sized_request(capsys):
     main(["--kb", "20", "--reps", "1"])
     out = capsys.readouterr().out
     assert "nesting check" in out and "total" in out
+
+
+def test_the_agent_point_is_reported_but_not_held_to_the_fast_call_target():
+    """The large-body point has no target in the issue: an info row, not a fast-call verdict."""
+    point = "agent 180 kB c=16"
+    rows = combine([{**_row("relay-sqlite", 50.0, 5.0), "point": point},
+                    {**_row("forwarder", 100.0, 1.0), "point": point}])
+    verdicts = {label: (measured, goal, verdict) for label, measured, goal, verdict in evaluate(rows)}
+    assert verdicts[f"{point}: relay-sqlite / forwarder rps"] == ("50 %", "(large body)", "info")
+    assert not any(label.startswith("agent") and goal == "≥ 70 %" for label, (_m, goal, _v) in verdicts.items())
