@@ -471,12 +471,18 @@ for _t in APPEND_ONLY_TABLES:
 # locked, but a statement reads one snapshot taken when it starts, before any lock it waits
 # for. A VOLATILE function takes a fresh snapshot for each query it runs, so this one locks the
 # wallet first and then counts: the caller's statement stays a single round trip.
+# Its queries run with generic plans: with the default plan_cache_mode PostgreSQL re-planned
+# them on every call (p_key is NULL for a key without a spend limit, which a custom plan folds
+# away, so the custom plan always looked cheaper), ~10 % of the server's CPU per relay call
+# (bench/README.md, finding 22).
 
 RELAY_ADMISSION_COUNTS_SQL = """\
 CREATE OR REPLACE FUNCTION relay_admission_counts(p_user bigint, p_group bigint, p_key bigint,
                                                   p_async boolean)
 RETURNS TABLE (in_flight bigint, key_committed bigint)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
   IF p_async THEN
     PERFORM set_config('synchronous_commit', 'off', true);
