@@ -377,8 +377,8 @@ class GroupCommit:
     twice; batched, a page is written once per batch and the lock is taken once.
 
     Leader/follower: the first caller with nothing in progress leads — it takes the write lock
-    (raw_tx) and runs every job queued by then, each in its own SAVEPOINT, so a job that raises
-    (a refused admission) undoes only its own writes; then one COMMIT, durable if any job asked
+    (raw_tx) and runs every job queued by then, each in its own SAVEPOINT (a job alone needs
+    none), so a job that raises (a refused admission) undoes only its own writes; then one COMMIT, durable if any job asked
     for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
     leads. Works with threads and with gevent (whose monkey patching makes the Event
     cooperative). A job is a function work(tx) -> result; it must not call run() itself.
@@ -434,6 +434,11 @@ class GroupCommit:
             with raw_tx(write=True, durable=durable, commit_off_loop=durable and self._busy(),
                         lock_wait_s=max(j.deadline for j in batch) - time.monotonic()) as tx:
                 now = time.monotonic()
+                if len(batch) == 1 and now <= batch[0].deadline:
+                    # Alone, a job needs no savepoint: if it raises, the handler below
+                    # records the error for it, and raw_tx rolls the whole transaction back.
+                    batch[0].result = batch[0].work(tx)
+                    return
                 for job in batch:
                     if now > job.deadline:  # waited longer for the lock than it may
                         job.error = DatabaseBusy("database is locked")

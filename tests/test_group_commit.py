@@ -115,6 +115,22 @@ def test_a_failing_write_undoes_only_its_own_changes(sqlite_app):
     assert _tags(sqlite_app) == ["a", "b"]
 
 
+def test_a_write_alone_that_fails_leaves_nothing(sqlite_app):
+    """A job alone runs without a savepoint: its failure rolls back the whole transaction."""
+    gc = GroupCommit()
+
+    def fails(tx):
+        tx.cursor.execute("INSERT INTO item (tag) VALUES ('doomed')")
+        raise ValueError("refused")
+    with sqlite_app.app_context():
+        with pytest.raises(ValueError, match="refused"):
+            gc.run(fails)
+        assert gc.run(lambda tx: tx.cursor.execute("SELECT count(*) FROM item").fetchone()[0]) == 0
+        gc.run(_insert("after"))
+    assert _tags(sqlite_app) == ["after"]
+    assert not gc._queue and not gc._leading
+
+
 def test_a_failed_commit_fails_every_write_of_the_batch(sqlite_app):
     """A foreign-key violation deferred to COMMIT: the whole batch is rolled back and every
     caller gets the error — none may believe its write landed."""
