@@ -93,3 +93,21 @@ def test_migration_installs_the_models_relay_function(migrated_app):
             return
         config = db.session.scalar(text("SELECT proconfig FROM pg_proc WHERE proname = 'relay_admission_counts'"))
     assert config == ["plan_cache_mode=force_generic_plan"]
+
+
+def test_postgres_generic_plans_migration_goes_down_and_up():
+    """Migration 0003 is reversible: down to 0002 the function plans as PostgreSQL decides,
+    up again it is pinned to generic plans."""
+    db_url = need_postgres()
+    reset_postgres(db_url)
+    engine = create_engine(db_url)
+    query = text("SELECT proconfig FROM pg_proc WHERE proname = 'relay_admission_counts'")
+    try:
+        for step, expected in ((("upgrade",), ["plan_cache_mode=force_generic_plan"]),
+                               (("downgrade", "0002"), None),
+                               (("upgrade",), ["plan_cache_mode=force_generic_plan"])):
+            flask_cli(db_url, "db", *step)
+            with engine.connect() as conn:
+                assert conn.execute(query).scalar_one() == expected, step
+    finally:
+        engine.dispose()
