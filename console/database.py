@@ -378,8 +378,8 @@ class GroupCommit:
 
     Leader/follower: the first caller with nothing in progress leads — it takes the write lock
     (raw_tx) and runs every job queued by then, each in its own SAVEPOINT (a job alone needs
-    none), so a job that raises (a refused admission) undoes only its own writes; then one COMMIT, durable if any job asked
-    for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
+    none), so a job that raises (a refused admission) undoes only its own writes; then one
+    COMMIT, durable if any job asked for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
     leads. Works with threads and with gevent (whose monkey patching makes the Event
     cooperative). A job is a function work(tx) -> result; it must not call run() itself.
 
