@@ -1,7 +1,11 @@
-"""The benchmark's report: rounds are combined into medians, errors are never dropped."""
+"""The benchmark's report: rounds are combined into medians, errors are never dropped; the
+in-process benchmarks run and check what they measured."""
 from __future__ import annotations
 
+import pytest
+
 from bench.relay_bench import combine, evaluate
+from tests.conftest import PG_URL
 
 
 def _row(target, rps, p50, errors=0, kinds=None):
@@ -45,3 +49,19 @@ def test_the_agent_point_is_reported_but_not_held_to_the_fast_call_target():
     verdicts = {label: (measured, goal, verdict) for label, measured, goal, verdict in evaluate(rows)}
     assert verdicts[f"{point}: relay-sqlite / forwarder rps"] == ("50 %", "(large body)", "info")
     assert not any(label.startswith("agent") and goal == "≥ 70 %" for label, (_m, goal, _v) in verdicts.items())
+
+
+@pytest.mark.slow
+def test_the_billing_benchmark_settles_every_call_with_the_ledger_consistent(capsys, tmp_path):
+    """bench/billing_bench.py runs the relay's own admission and settle on a freshly migrated
+    and seeded database, PostgreSQL too when configured: every call settled, the ledger equal
+    to the balance, a row of numbers per database and SQLite's cost per statement."""
+    from bench.billing_bench import main
+
+    argv = ["--calls", "5", "--rounds", "1", "--statements", "--workdir", str(tmp_path)]
+    main(argv + (["--pg-url", PG_URL] if PG_URL else ["--sqlite-only"]))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| sqlite |", "| postgres |"))]
+    assert len(rows) == (2 if PG_URL else 1), out
+    assert all(row.endswith("| ok |") for row in rows), out
+    assert "`INSERT INTO usage_records…`" in out
