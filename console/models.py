@@ -473,8 +473,9 @@ for _t in APPEND_ONLY_TABLES:
 # wallet first and then counts: the caller's statement stays a single round trip.
 # Its queries run with generic plans: with the default plan_cache_mode PostgreSQL re-planned
 # them on every call (p_key is NULL for a key without a spend limit, which a custom plan folds
-# away, so the custom plan always looked cheaper), ~10 % of the server's CPU per relay call
-# (bench/README.md, finding 22).
+# away, so the custom plan always looked cheaper): 9 % of the server's samples went to
+# planning, and the server's CPU per relay call falls by ~7 % without it (bench/README.md,
+# finding 22).
 
 RELAY_ADMISSION_COUNTS_SQL = """\
 CREATE OR REPLACE FUNCTION relay_admission_counts(p_user bigint, p_group bigint, p_key bigint,
