@@ -78,8 +78,8 @@ class Variant:
         from console.relay import metering
         from console.relay.auth import authenticate, resolve_model
 
-        self.ctx = self.app.test_request_context()
-        self.ctx.push()
+        ctx = self.app.test_request_context()
+        ctx.push()
         self.caller = authenticate(self.key, "127.0.0.1")
         self.model = resolve_model(self.caller, "bench-fast")
         self.est = metering.estimate({"model": "bench-fast", "max_tokens": 64,
@@ -89,7 +89,7 @@ class Variant:
             db.session.execute(text(f"ALTER FUNCTION {_COUNTS_FN} {self.plans}"))
             db.session.commit()
         db.session.close()
-        self.ctx.pop()
+        ctx.pop()
 
     def calls(self, n: int) -> dict:
         from sqlalchemy import text

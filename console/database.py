@@ -379,9 +379,10 @@ class GroupCommit:
     Leader/follower: the first caller with nothing in progress leads — it takes the write lock
     (raw_tx) and runs every job queued by then, each in its own SAVEPOINT (a job alone needs
     none), so a job that raises (a refused admission) undoes only its own writes; then one
-    COMMIT, durable if any job asked for durability. Callers that arrive meanwhile wait; when the batch is done the next waiter
-    leads. Works with threads and with gevent (whose monkey patching makes the Event
-    cooperative). A job is a function work(tx) -> result; it must not call run() itself.
+    COMMIT, durable if any job asked for durability. Callers that arrive meanwhile wait; when
+    the batch is done the next waiter leads. Works with threads and with gevent (whose monkey
+    patching makes the Event cooperative). A job is a function work(tx) -> result; it must not
+    call run() itself.
 
     busy(): true when other work of this process could run during a commit. A durable commit
     then waits for its fsync in gevent's thread pool (_off_loop) instead of on the event loop;
