@@ -331,7 +331,6 @@ class UsageRecord(db.Model):
         CheckConstraint("status IN ('pending','ok','failed','partial')", name="status"),
         CheckConstraint("usage_source IN ('upstream','estimated')", name="usage_source"),
         CheckConstraint("charge_micros >= 0 AND hold_micros >= 0", name="amounts"),
-        Index("ix_usage_user_id_desc", "user_id", "id"),
         Index("ix_usage_pending", "status", "deadline_at"),
         # Usage pages: keyset by (created_at, id) newest first, per user, optionally narrowed
         # by one filter column; a time range is a range on created_at in the same index.

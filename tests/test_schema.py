@@ -111,3 +111,29 @@ def test_postgres_generic_plans_migration_goes_down_and_up():
                 assert conn.execute(query).scalar_one() == expected, step
     finally:
         engine.dispose()
+
+
+def test_usage_index_migration_goes_down_and_up(db_url):
+    """Migration 0004 is reversible on both databases: down to 0003 the (user_id, id) index is
+    back, up again it is gone and the schema equals the models'."""
+    from sqlalchemy import inspect
+
+    def usage_indexes():
+        engine = create_engine(db_url)
+        try:
+            return {ix["name"] for ix in inspect(engine).get_indexes("usage_records")}
+        finally:
+            engine.dispose()
+
+    flask_cli(db_url, "db", "upgrade")
+    assert "ix_usage_user_id_desc" not in usage_indexes()
+    flask_cli(db_url, "db", "downgrade", "0003")
+    assert "ix_usage_user_id_desc" in usage_indexes()
+    flask_cli(db_url, "db", "upgrade")
+    assert "ix_usage_user_id_desc" not in usage_indexes()
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    finally:
+        engine.dispose()
