@@ -27,21 +27,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.relay_bench import PG_URL, SECRET_KEY, machine, prepare_relay_db
+from bench.relay_bench import PG_URL, SECRET_KEY, cpu_ms, machine, prepare_relay_db
 
 _COUNTS_FN = "relay_admission_counts(bigint, bigint, bigint, boolean)"
-
-
-def _proc_cpu_ms(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        except OSError:  # a backend that ended meanwhile
-            pass
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -111,10 +99,10 @@ class Variant:
                 self.backends = list(db.session.scalars(text(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")))
                 db.session.close()
-            s0, c0, w0 = _proc_cpu_ms(self.backends), time.process_time(), time.perf_counter()
+            s0, c0, w0 = cpu_ms(self.backends), time.process_time(), time.perf_counter()
             for _ in range(n):
                 one()
-            w1, c1, s1 = time.perf_counter(), time.process_time(), _proc_cpu_ms(self.backends)
+            w1, c1, s1 = time.perf_counter(), time.process_time(), cpu_ms(self.backends)
         return {"client_ms": (c1 - c0) * 1000 / n, "wall_ms": (w1 - w0) * 1000 / n,
                 "server_ms": (s1 - s0) / n if self.pg else None}
 

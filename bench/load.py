@@ -41,6 +41,7 @@ class Stats:
         self.latencies: list[float] = []
         self.ttfbs: list[float] = []
         self.errors: dict[str, int] = {}
+        self.completed = 0
         self.window = (0.0, 0.0)
 
     def error(self, kind: str) -> None:
@@ -151,6 +152,7 @@ def _client(i, conc, req, stream, stats, t_start, measure_from, stop_at, ramp, t
         if not ok:
             stats.error(f"status {status}" if status != 200 else "incomplete stream")
             continue
+        stats.completed += 1
         if measure_from <= t1 <= stop_at:
             stats.latencies.append(t1 - t0)
             stats.ttfbs.append(ttfb)
@@ -170,6 +172,7 @@ def summary(stats: Stats, duration: float, concurrency: int) -> dict:
         "concurrency": concurrency,
         "duration_s": duration,
         "requests": len(stats.latencies),
+        "completed_total": stats.completed,  # warm-up and late calls included (server CPU per call)
         "rps": round(len(stats.latencies) / duration, 1),
         "p50_ms": ms(_pct(stats.latencies, 50)),
         "p99_ms": ms(_pct(stats.latencies, 99)),

@@ -119,6 +119,35 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def cpu_ms(pids: list[int]) -> float:
+    """User + system CPU of these processes so far, from /proc (a process gone meanwhile
+    counts nothing)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (backends, WAL writer, checkpointer):
+    the relay on PostgreSQL spends CPU there too. The benchmark's is the only load on it."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def _rss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -324,7 +353,8 @@ def _body(model: str, stream: bool) -> str:
                        "max_tokens": 64, "stream": stream})
 
 
-def run_point(point: Point, base: str, model: str, auth: str, server_pid: int, scale: float) -> dict:
+def run_point(point: Point, base: str, model: str, auth: str, server_pid: int, scale: float,
+              with_postgres: bool = False) -> dict:
     duration, warmup = max(1.0, point.duration * scale), max(0.5, point.warmup * min(1.0, scale * 2))
     body = _body(model, point.stream)
     if point.body_kb:  # too long for a command-line argument: the load generator reads a file
@@ -337,6 +367,10 @@ def run_point(point: Point, base: str, model: str, auth: str, server_pid: int, s
             "--ramp", str(min(warmup, point.ramp))]
     sampler = RssSampler(server_pid)
     sampler.start()
+    def server_cpu() -> float:
+        return cpu_ms(_descendants(server_pid) + (_postgres_pids() if with_postgres else []))
+
+    cpu_before = server_cpu()
     try:
         res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
                              timeout=duration + warmup + 120, check=False)
@@ -344,10 +378,16 @@ def run_point(point: Point, base: str, model: str, auth: str, server_pid: int, s
         peak = sampler.stop()
         if body.startswith("@"):
             os.unlink(body[1:])
+    # Every call the server completed during the run, warm-up included, against its CPU over
+    # the same run: what a call costs the server, which moves far less than rps when other
+    # processes compete for the cores.
+    cpu = server_cpu() - cpu_before
     if res.returncode != 0:
         raise RuntimeError(f"load generator failed: {res.stderr.strip()[-2000:]}")
     out = json.loads(res.stdout)
     out["peak_rss_mb"] = peak
+    done = out.get("completed_total") or 0
+    out["cpu_ms_per_call"] = round(cpu / done, 3) if done else None
     return out
 
 
@@ -439,7 +479,8 @@ def run_all(targets: list[str], upstream, args, workdir: Path, results: list, no
                     continue
                 load = _loadavg()
                 try:
-                    row = run_point(point, t.base, t.model(point.model), t.auth, t.pid, args.scale)
+                    row = run_point(point, t.base, t.model(point.model), t.auth, t.pid, args.scale,
+                                    with_postgres=t.name == "relay-postgres")
                 except Exception as exc:  # noqa: BLE001  (reported in the results, the run goes on)
                     notes.append(f"{t.name} {point.name}: failed: {exc}")
                     continue
@@ -447,7 +488,8 @@ def run_all(targets: list[str], upstream, args, workdir: Path, results: list, no
                 results.append(row)
                 print(f"[{t.name}] {point.name} (round {rnd + 1}): {row['rps']} rps, p50 {row['p50_ms']} ms, "
                       f"p99 {row['p99_ms']} ms, ttfb p50 {row['ttfb_p50_ms']} ms, errors {row['errors']}, "
-                      f"rss {row['peak_rss_mb']} MB, load {load}", file=sys.stderr, flush=True)
+                      f"cpu {row['cpu_ms_per_call']} ms/call, rss {row['peak_rss_mb']} MB, load {load}",
+                      file=sys.stderr, flush=True)
     finally:
         for t in live:
             if t.server is not None:
@@ -540,7 +582,8 @@ def evaluate(results: list[dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-_MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "peak_rss_mb", "loadavg")
+_MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_call", "peak_rss_mb",
+                "loadavg")
 
 
 def combine(rounds: list[dict]) -> list[dict]:
@@ -575,8 +618,8 @@ def markdown(results: list[dict], info: dict, notes: list[str], args) -> str:
         "same point."),
         "",
         ("| point | target | rps (rounds) | p50 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | added p50 ms | "
-         "added TTFB p50 / p99 ms | errors | peak RSS MB | load |"),
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+         "added TTFB p50 / p99 ms | errors | server CPU ms/call | peak RSS MB | load |"),
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     order = {t: i for i, t in enumerate(TARGETS)}
     points = {p.name: i for i, p in enumerate(POINTS)}
@@ -592,7 +635,8 @@ def markdown(results: list[dict], info: dict, notes: list[str], args) -> str:
         rps = _fmt(r["rps"]) + (f" ({' / '.join(_fmt(v, 0) for v in each)})" if len(each) > 1 else "")
         lines.append(f"| {r['point']} | {r['target']} | {rps} | {_fmt(r['p50_ms'], 2)} | "
                      f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['ttfb_p50_ms'], 2)} | {_fmt(r['ttfb_p99_ms'], 2)} | "
-                     f"{added} | {added_t} | {errors} | {_fmt(r['peak_rss_mb'])} | {_fmt(r.get('loadavg'))} |")
+                     f"{added} | {added_t} | {errors} | {_fmt(r.get('cpu_ms_per_call'), 2)} | "
+                     f"{_fmt(r['peak_rss_mb'])} | {_fmt(r.get('loadavg'))} |")
     lines += ["", "| target (ratios from this run) | measured | goal | verdict |", "|---|--:|--:|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in evaluate(results)]
     if notes:

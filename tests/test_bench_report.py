@@ -65,3 +65,31 @@ def test_the_billing_benchmark_settles_every_call_with_the_ledger_consistent(cap
     assert len(rows) == (2 if PG_URL else 1), out
     assert all(row.endswith("| ok |") for row in rows), out
     assert "`INSERT INTO usage_records…`" in out
+
+
+def test_server_cpu_is_read_for_the_whole_process_tree(tmp_path):
+    """The benchmark's server CPU per call counts the workers, not only the process it started
+    (a gunicorn master that idles): a grandchild's CPU shows in its root's tree."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.relay_bench import _descendants, cpu_ms
+
+    ready = tmp_path / "burnt"
+    burn = (f"import time, pathlib\nwhile time.process_time() < 0.3: pass\n"
+            f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(30)")
+    root = subprocess.Popen([sys.executable, "-c",
+                             f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"])
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = _descendants(root.pid)
+        assert len(tree) == 2
+        assert cpu_ms(tree) >= 250
+        assert cpu_ms([root.pid]) < 250
+    finally:
+        for pid in reversed(_descendants(root.pid)):
+            subprocess.run(["kill", str(pid)], check=False)
+        root.wait(timeout=10)
