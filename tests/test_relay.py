@@ -347,6 +347,17 @@ def test_auth_and_model_errors_use_each_api_shape(relay):
     # Under an image part, whose children the size estimate does not read.
     ({"data": '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "image_url", '
               '"image_url": ' + "[" * 200 + "]" * 200 + "}]}]}", "content_type": "application/json"}, 400),
+    # Valid JSON whose values cannot be passed on: a lone surrogate is not Unicode (escaped, or
+    # as raw bytes), and a number too large for a double is not a number any upstream reads.
+    ({"data": '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+      "content_type": "application/json"}, 400),
+    ({"data": b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\xed\xa0\x80b"}]}',
+      "content_type": "application/json"}, 400),
+    ({"data": '{"model": "gpt-4o-mini", "metadata": {"\\udc00": 1}}', "content_type": "application/json"}, 400),
+    ({"data": '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "image_url", '
+              '"image_url": {"url": "\\ud83d"}}]}]}', "content_type": "application/json"}, 400),
+    ({"data": '{"model": "gpt-4o-mini", "temperature": 1e999}', "content_type": "application/json"}, 400),
+    ({"data": '{"model": "gpt-4o-mini", "temperature": -2E+400}', "content_type": "application/json"}, 400),
     ({"json": {"model": 7}}, 400),
     ({"json": {"model": "gpt-4o-mini", "stream": "yes"}}, 400),
     ({"json": {"model": "gpt-4o-mini", "max_tokens": -1}}, 400),
@@ -374,6 +385,20 @@ def test_depth_counts_containers_not_brackets_inside_strings(relay):
     r = client.post("/v1/chat/completions", data=deeper, content_type="application/json", headers=bearer(acct))
     assert r.status_code == 400 and "deeply" in r.get_json()["error"]["message"]
     assert len(records()) == 1
+
+
+def test_text_is_passed_on_as_the_same_characters_however_it_was_escaped(relay, upstream):
+    """An escaped surrogate pair is one character (an emoji), as is its raw UTF-8; a number
+    beyond 64 bits stays an exact integer. The upstream receives the same values."""
+    _app, client, acct = relay
+    data = ('{"model": "gpt-4o-mini", "seed": 123456789012345678901234567890, "messages": [{"role": "user", '
+            '"content": "hi \\ud83d\\ude00 \u00e9\\u00e9 \U0001F600 \\\\ud800"}]}')
+    r = client.post("/v1/chat/completions", data=data.encode(), content_type="application/json",
+                    headers=bearer(acct))
+    assert r.status_code == 200, r.data[:200]
+    sent = fake_last(upstream)["body"]
+    assert sent["messages"][0]["content"] == "hi \U0001F600 \u00e9\u00e9 \U0001F600 \\ud800"
+    assert sent["seed"] == 123456789012345678901234567890
 
 
 def test_insufficient_balance_is_402_with_the_available_balance(relay):

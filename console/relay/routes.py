@@ -5,6 +5,8 @@ Every relay response carries `x-request-id`; for billed calls it is the usage re
 from __future__ import annotations
 
 import json
+import math
+import re
 
 from flask import Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -66,18 +68,47 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number beyond a double's range (1e999) would reach the upstream as `Infinity`,
+    which is not JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise RelayError(400, "A number in the body is too large.", code="invalid_json")
+    return value
+
+
+# Where a lone surrogate can come from: a \uD800–\uDFFF escape, or its UTF-8-like bytes (json
+# decodes bytes with "surrogatepass"). A body without either cannot hold one, and skips the check.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _lone_surrogate(raw: bytes, body) -> bool:
+    """An unpaired surrogate is not Unicode: the body could not be encoded for the upstream.
+    A pair (an escaped emoji) decodes to one character and passes."""
+    if _MAYBE_SURROGATE.search(raw) is None:
+        return False
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _json_body() -> dict:
     if request.mimetype != "application/json":
         raise RelayError(415, "Send the body as application/json.", code="unsupported_media_type")
     raw = request.get_data(cache=False)  # over RELAY_MAX_BODY: 413 from werkzeug
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
+        body = json.loads(raw, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:
         raise RelayError(400, "The body is nested too deeply.", code="invalid_json") from None
     except ValueError:
         raise RelayError(400, "The body is not valid JSON.", code="invalid_json") from None
     if _too_deep(raw, body):
         raise RelayError(400, "The body is nested too deeply.", code="invalid_json")
+    if _lone_surrogate(raw, body):
+        raise RelayError(400, "The body holds text that is not valid Unicode (an unpaired surrogate).",
+                         code="invalid_json")
     if not isinstance(body, dict):
         raise RelayError(400, "The body must be a JSON object.", code="invalid_json")
     model = body.get("model")
