@@ -154,3 +154,51 @@ def test_stream_meter_reads_an_unterminated_last_event():
     last = b'data: {"choices":[{"index":0,"delta":{"content":"abc"}}]}\nX'
     assert meter.feed(last) == [] and meter.rest() == last
     assert (meter.chars, meter.deltas) == (3, 1)
+
+
+# Any JSON value, integers of any size and text of any character outside the surrogates.
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=16)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(value=ANY_JSON)
+def test_hot_path_json_reads_and_writes_what_the_standard_library_does(value):
+    """protocols.dumps writes the same values as json.dumps, big integers included (orjson
+    refuses them, the standard library writes them); protocols.loads reads the same values as
+    json.loads wherever integers fit in 64 bits."""
+    from console.relay.protocols import dumps, loads
+
+    encoded = dumps(value)
+    assert isinstance(encoded, bytes) and json.loads(encoded) == value
+    std = json.dumps(value).encode()
+    if not _has_big_int(value):
+        assert loads(std) == json.loads(std)
+
+
+def _has_big_int(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return not -(2**63) <= v < 2**64
+    if isinstance(v, list):
+        return any(_has_big_int(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_big_int(x) for x in v.values())
+    return False
+
+
+@pytest.mark.parametrize("raw", [b'{"a": NaN}', b'\xef\xbb\xbf{"a": 1}', b'"\\ud800"', b"[" * 1100 + b"]" * 1100,
+                                 b'{"a": 1e999}', b'{"a": 1, "a": 2}'])
+def test_hot_path_json_reads_what_orjson_refuses_as_the_standard_library_does(raw):
+    from console.relay.protocols import loads
+
+    def outcome(fn):
+        try:
+            return ("ok", repr(fn(raw)))
+        except (ValueError, RecursionError) as exc:
+            return ("refused", type(exc).__name__)
+
+    assert outcome(loads) == outcome(json.loads)

@@ -30,6 +30,8 @@ from console.relay.protocols import (
     MESSAGES,
     StreamMeter,
     Surface,
+    dumps,
+    loads,
     prepare_body,
     text_from_json,
     usage_from_json,
@@ -156,7 +158,7 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
             _fail(adm, started, f"upstream status {resp.status_code}", opened.attempts, route.id, up_id)
             return Reply(resp.status_code, data, {"content-type": ctype})
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             _fail(adm, started, "upstream reply is not JSON", opened.attempts, route.id, up_id)
             raise RelayError(502, "The upstream sent an unreadable reply.") from None
@@ -196,7 +198,7 @@ def _open(routes, call: Call, deadline: float) -> _Opened:
         name = route.models[call.model.name]
         if name not in bodies:
             b, strip = prepare_body(call.surface, call.body, name)
-            bodies[name] = (json.dumps(b, ensure_ascii=False, separators=(",", ":")).encode(), strip)
+            bodies[name] = (dumps(b), strip)
         return bodies[name]
 
     opened = open_call(routes, call.surface, body_for, call.client_headers, deadline)
