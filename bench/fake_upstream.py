@@ -29,6 +29,8 @@ text-generating ones (chat completions, responses, messages):
   no_usage=1         omit usage everywhere (OpenAI: no usage chunk even if asked for;
                      Anthropic: no usage in message, message_start or message_delta)
   cached_tokens=N    report N cached prompt tokens in OpenAI usage (capped at the prompt)
+  input_tokens=N     report N input tokens in usage instead of counting them (a provider
+                     whose usage is wrong)
   set_cookie=1       set a cookie on the reply, as a provider behind a CDN does (__cf_bm)
 
 Token counting is deliberately simple and deterministic. Input tokens = the
@@ -83,6 +85,7 @@ _KNOBS = frozenset(
         "malformed_after",
         "no_usage",
         "cached_tokens",
+        "input_tokens",
         "set_cookie",
     )
 )
@@ -128,6 +131,10 @@ def _text_chars(node):
     if isinstance(node, dict):
         return sum(_text_chars(node[key]) for key in _TEXT_KEYS if key in node)
     return 0
+
+
+def _reported_input(call):
+    return call.sc.get("input_tokens") or _input_tokens(call.body)
 
 
 def _input_tokens(body):
@@ -477,7 +484,7 @@ class FakeUpstream:
     def _openai_usage(self, call, output_tokens, responses_api):
         if call.sc.get("no_usage"):
             return None
-        prompt = _input_tokens(call.body)
+        prompt = _reported_input(call)
         cached = min(call.sc.get("cached_tokens", 0), prompt)
         if responses_api:
             return {
@@ -661,7 +668,7 @@ class FakeUpstream:
             data.append({"object": "embedding", "index": index, "embedding": vector})
         obj = {"object": "list", "data": data, "model": call.model}
         if not call.sc.get("no_usage"):
-            prompt = _input_tokens(body)
+            prompt = _reported_input(call)
             obj["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
         return call.plain(obj)
 
@@ -689,7 +696,7 @@ class FakeUpstream:
 
     def _anthropic_usage(self, call):
         """Input-side usage; a cache_control prefix is written on first sight and read afterwards."""
-        total = _input_tokens(call.body)
+        total = _reported_input(call)
         usage = {
             "input_tokens": total,
             "cache_creation_input_tokens": 0,

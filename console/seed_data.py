@@ -69,7 +69,7 @@ FAQ = [
      "| the upstream succeeded and reported usage | exactly that usage |\n"
      "| the upstream failed before any output reached you (after retries) | nothing; the record is kept as failed |\n"
      "| you disconnected mid-stream | input tokens (exact if the upstream already reported them, else estimated) + output delivered so far (estimated); marked *estimated* |\n"
-     "| the stream ended without usage | estimated from the request and the text delivered; marked *estimated* |\n"
+     "| the upstream reported no usage (or an impossible amount) | estimated from the request and the text delivered; marked *estimated* |\n"
      "| our worker crashed mid-call | settled after the deadline by the same rules; marked |\n\n"
      "While a call runs, its maximum possible cost is *held* (shown as held in your wallet) and "
      "released when it ends, so concurrent calls can never spend money you do not have."),

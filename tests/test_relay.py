@@ -69,7 +69,8 @@ def scenario(upstream: str, knobs: str, **kw) -> None:
     with write_tx():
         db.session.execute(update(Channel).values(status="disabled"))
     n = len(db.session.scalars(select(Channel)).all())
-    add_channels(upstream, openai_models=f"gpt-4o-mini=fake-model@{knobs}",
+    add_channels(upstream, openai_models=(f"gpt-4o-mini=fake-model@{knobs},"
+                                          f"text-embedding-3-small=fake-embedding-model@{knobs}"),
                  anthropic_models=f"claude-haiku-4-5=fake-model@{knobs}", prefix=f"s{n}-", **kw)
     db.session.remove()
 
@@ -572,6 +573,32 @@ def test_stream_without_usage_is_estimated(relay, upstream):
     assert (rec.status, rec.usage_source) == ("ok", "estimated")
     assert rec.output_tokens == max(5, -(-len("chunk 0 chunk 1 chunk 2 chunk 3 chunk 4") // 4))
     assert rec.charge_micros == recomputed(rec) > 0
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI, "stream": True}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream": True}),
+    ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": HI}),
+    ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": HI, "stream": True}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+], ids=["chat", "chat-stream", "responses-stream", "messages", "messages-stream", "embeddings"])
+def test_usage_beyond_what_a_record_holds_is_estimated_not_charged(relay, upstream, path, body):
+    """An upstream reporting 3,000,000,000 input tokens (beyond the record's columns, and no
+    real call's size) is not believed: the call is billed as if it had reported none, marked
+    estimated, the same on SQLite and PostgreSQL; nothing is left pending."""
+    _app, client, acct = relay
+    scenario(upstream, "input_tokens=3000000000")
+    before = wallet(acct.user_id).balance_micros
+    r = client.post(path, json=body, headers={"x-api-key": acct.key})
+    assert r.status_code == 200, r.data[:300]
+    rec = only_record()
+    assert (rec.status, rec.usage_source) == ("ok", "estimated")
+    assert rec.error == "usage from upstream out of range"
+    assert rec.input_tokens == estimate(body).input_tokens() < 100
+    assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
+    assert before - wallet(acct.user_id).balance_micros == rec.charge_micros
     assert_consistent(acct.user_id)
 
 

@@ -11,8 +11,8 @@ Billing policy (the FAQ explains it to users; tests check it row by row):
 |                                                 |   reported it, else estimated) + output     |                      |
 |                                                 |   delivered so far (estimated)              |                      |
 | upstream broke mid-stream (reset, deadline)     | same as a client disconnect                 | partial / estimated  |
-| stream or reply ended without usage             | estimated from the request and the text     | ok / estimated       |
-|                                                 |   delivered                                 |                      |
+| stream or reply ended without usage (or with a  | estimated from the request and the text     | ok / estimated       |
+|   count beyond protocols.MAX_REPORTED_TOKENS)   |   delivered                                 |                      |
 | worker crashed mid-call                         | reconciler, after the deadline: estimated   | partial / estimated  |
 |                                                 |   input + output checkpointed so far        |                      |
 

@@ -104,7 +104,20 @@ def anthropic_tokens(u: dict) -> Tokens:
                   cache_read=_int(u.get("cache_read_input_tokens")))
 
 
+# A count beyond this is no real call's (the largest context windows are a few million tokens)
+# and would not fit the usage record's columns (PostgreSQL INTEGER): usage reporting it is not
+# believed, and the call is billed as if the upstream had reported none (marked estimated).
+MAX_REPORTED_TOKENS = 2**31 - 1
+UNBELIEVABLE_USAGE = "usage from upstream out of range"
+
+
+def believable(tokens: Tokens) -> bool:
+    return max(tokens.input, tokens.output, tokens.cache_write_5m, tokens.cache_write_1h,
+               tokens.cache_read) <= MAX_REPORTED_TOKENS
+
+
 def usage_from_json(surface: Surface, obj) -> Tokens | None:
+    """The usage a whole reply reports; None when it reports none (see `believable`)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return None
     u = obj["usage"]
@@ -172,6 +185,7 @@ class StreamMeter:
         self.chars = 0
         self.deltas = 0
         self.errored = False  # the upstream sent an error event inside the stream
+        self.unbelievable = False  # it reported usage out of range: none of its usage counts
         self._final_seen = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -247,7 +261,7 @@ class StreamMeter:
                     got = True
             self.deltas += got
         if isinstance(obj.get("usage"), dict):
-            self.usage = openai_tokens(obj["usage"])
+            self._report(openai_tokens(obj["usage"]))
             if self.strip and not obj.get("choices"):
                 return False
         if "error" in obj:
@@ -262,7 +276,7 @@ class StreamMeter:
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             resp = _dict(obj.get("response"))
             if isinstance(resp.get("usage"), dict):
-                self.usage = openai_tokens(resp["usage"])
+                self._report(openai_tokens(resp["usage"]))
         elif kind == "error":
             self.errored = True
 
@@ -288,7 +302,13 @@ class StreamMeter:
 
     def _merge(self, u: dict) -> None:
         self._anthropic.update({k: v for k, v in u.items() if v is not None})
-        self.usage = anthropic_tokens(self._anthropic)
+        self._report(anthropic_tokens(self._anthropic))
+
+    def _report(self, tokens: Tokens) -> None:
+        if self.unbelievable or not believable(tokens):
+            self.unbelievable, self.usage = True, None
+        else:
+            self.usage = tokens
 
     @property
     def input_reported(self) -> bool:

@@ -28,8 +28,10 @@ from console.relay.errors import RelayError
 from console.relay.metering import Admission, Outcome
 from console.relay.protocols import (
     MESSAGES,
+    UNBELIEVABLE_USAGE,
     StreamMeter,
     Surface,
+    believable,
     dumps,
     loads,
     prepare_body,
@@ -163,13 +165,14 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
             _fail(adm, started, "upstream reply is not JSON", opened.attempts, route.id, up_id)
             raise RelayError(502, "The upstream sent an unreadable reply.") from None
         tokens = usage_from_json(call.surface, obj)
-        if tokens is not None:
+        if tokens is not None and believable(tokens):
             out = Outcome("ok", "upstream", tokens)
         else:
             text = text_from_json(call.surface, obj)
             out = Outcome("ok", "estimated", Tokens(
                 input=adm.est_input_tokens,
-                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0))
+                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0),
+                error=UNBELIEVABLE_USAGE if tokens is not None else None)
         out.latency_ms = out.ttfb_ms = _ms(started)
         out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, route.id, up_id
         return Reply(200, _WholeBody(current_app._get_current_object(), data, adm, out),
@@ -346,7 +349,8 @@ def _stream_outcome(adm: Admission, meter: StreamMeter, broke: str | None, clien
     base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
     return Outcome("ok", "estimated", Tokens(
         input=base.input, output=meter.output_tokens_estimate, cache_write_5m=base.cache_write_5m,
-        cache_write_1h=base.cache_write_1h, cache_read=base.cache_read), error="no usage from upstream")
+        cache_write_1h=base.cache_write_1h, cache_read=base.cache_read),
+        error=UNBELIEVABLE_USAGE if meter.unbelievable else "no usage from upstream")
 
 
 def count_tokens(call: Call) -> Reply:
