@@ -146,6 +146,34 @@ def test_stream_meter_reads_the_same_however_the_stream_is_cut(events, cuts, str
     assert run([stream[i:i + 1] for i in range(len(stream))]) == whole
 
 
+def _reference_split(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Events as SSE ends them, the plain way: the earliest blank line ("\n\n" or "\r\n\r\n")
+    searched again from the start of what is left."""
+    events = []
+    while True:
+        i, j = stream.find(b"\n\n"), stream.find(b"\r\n\r\n")
+        if i < 0 and j < 0:
+            return events, stream
+        end = j + 4 if j >= 0 and (i < 0 or j < i) else i + 2
+        events.append(stream[:end])
+        stream = stream[end:]
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(stream=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"data: x", b":"]),
+                       max_size=40).map(b"".join),
+       cuts=st.lists(st.integers(0, 120), max_size=12))
+def test_stream_meter_ends_events_where_the_plain_split_does(stream, cuts):
+    """The meter searches each read only from where its last search stopped; the events it
+    passes on are the plain split's, wherever the reads cut a terminator."""
+    from console.relay.protocols import CHAT, StreamMeter
+
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    meter = StreamMeter(CHAT, strip_usage_chunk=False)
+    events = [e for a, b in zip(bounds, bounds[1:]) for e in meter.feed(stream[a:b])]
+    assert (events, meter.rest()) == _reference_split(stream)
+
+
 def test_stream_meter_reads_an_unterminated_last_event():
     """A stream that ends inside its last event: the data line is still read (and passed on)."""
     from console.relay.protocols import CHAT, StreamMeter
