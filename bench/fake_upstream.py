@@ -24,6 +24,8 @@ text-generating ones (chat completions, responses, messages):
                      so an idle-read timeout never fires but a total deadline does
   reset_after=K      after K deltas (K <= chunks) reset the TCP connection, no terminator;
                      a non-stream reply is cut half way through its body
+  huge_after=K       after K deltas emit one 1 MB event (a data line of "x", not JSON), then
+                     carry on (streams only)
   malformed_after=K  after K deltas emit a data: line that is not JSON, then carry on;
                      a non-stream reply body is not JSON
   no_usage=1         omit usage everywhere (OpenAI: no usage chunk even if asked for;
@@ -83,6 +85,7 @@ _KNOBS = frozenset(
         "drip_ms",
         "reset_after",
         "malformed_after",
+        "huge_after",
         "no_usage",
         "cached_tokens",
         "input_tokens",
@@ -216,6 +219,9 @@ def _abort(sock):
     raise _Abort
 
 
+HUGE_EVENT = b"data: " + b"x" * (1 << 20) + b"\n\n"
+
+
 def _paced(sc, sock, head, deltas, tail, garbage):
     """Stream head, deltas, tail, applying the drip/delay/malformed/reset knobs around the deltas."""
     if sc.get("drip_ms"):
@@ -228,6 +234,8 @@ def _paced(sc, sock, head, deltas, tail, garbage):
     while True:
         if sent == malformed_after:
             yield garbage
+        if sent == sc.get("huge_after"):
+            yield HUGE_EVENT
         if sent == reset_after:
             _abort(sock)
         frame = next(deltas, None)

@@ -10,11 +10,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
+from bench.fake_upstream import HUGE_EVENT
 from console import channels, keys, ledger
 from console.database import write_tx
 from console.extensions import db
 from console.models import ApiKey, Channel, UsageRecord, User, utcnow
 from console.pricing import Prices, Tokens, quote
+from console.relay import proxy
 from console.relay.metering import estimate, reconcile
 from console.relay.upstream import close_client
 from tests.conftest import make_app
@@ -560,6 +562,41 @@ def test_malformed_sse_is_passed_through_and_billed_from_usage(relay, upstream):
     assert b"{not json at all" in r.data
     rec = only_record()
     assert (rec.status, rec.usage_source, rec.output_tokens) == ("ok", "upstream", 5)
+
+
+def test_an_event_larger_than_a_read_passes_through_whole(relay, upstream):
+    """huge_after=2: a 1 MB event (many reads) reaches the client intact between the deltas."""
+    _app, client, acct = relay
+    scenario(upstream, "huge_after=2")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200
+    assert r.data.count(HUGE_EVENT) == 1 and r.data.endswith(b"data: [DONE]\n\n")
+    contents = [e["choices"][0]["delta"].get("content") for e in sse_events(r.data) if e.get("choices")]
+    assert [c for c in contents if c] == ["chunk 0", " chunk 1", " chunk 2", " chunk 3", " chunk 4"]
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.output_tokens) == ("ok", "upstream", 5)
+    assert_consistent(acct.user_id)
+
+
+def test_an_event_beyond_the_reply_limit_cuts_the_stream(relay, upstream, monkeypatch):
+    """An event that would hold more than MAX_REPLY_BYTES in memory ends the stream there with an
+    error event, billed as a stream the upstream broke (partial, estimated)."""
+    _app, client, acct = relay
+    monkeypatch.setattr(proxy, "MAX_REPLY_BYTES", 256 * 1024)
+    scenario(upstream, "huge_after=2")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and b"xxxx" not in r.data
+    events = sse_events(r.data)
+    contents = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e.get("choices")]
+    assert [c for c in contents if c] == ["chunk 0", " chunk 1"]
+    assert events[-1]["error"]["code"] == "upstream_error"
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.error) == ("partial", "estimated", "upstream event beyond the size limit")
+    assert rec.output_tokens == max(2, -(-len("chunk 0 chunk 1") // 4))
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert_consistent(acct.user_id)
 
 
 def test_stream_without_usage_is_estimated(relay, upstream):

@@ -40,7 +40,7 @@ from console.relay.protocols import (
 )
 from console.relay.upstream import UpstreamFailure, open_call
 
-MAX_REPLY_BYTES = 64 * 1024 * 1024
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # a whole reply, or one event of a stream, held in memory
 PASSED_RESPONSE_HEADERS = ("content-type",)
 
 
@@ -300,6 +300,9 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
                         ttfb = _ms(adm.started)
                     # One write per upstream read, however many events it held.
                     yield events[0] if len(events) == 1 else b"".join(events)
+                if len(meter.buf) > MAX_REPLY_BYTES:  # one event this large: memory, not a reply
+                    broke = "upstream event beyond the size limit"
+                    break
                 now = time.monotonic()
                 if now > deadline:
                     broke = "total deadline exceeded"
