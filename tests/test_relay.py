@@ -89,6 +89,17 @@ def sse_events(data: bytes) -> list[dict]:
     return out
 
 
+def stream_chat(client, acct):
+    return client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
+                       headers=bearer(acct))
+
+
+def delta_texts(events: list[dict]) -> list[str]:
+    """The non-empty content deltas of chat completion chunks."""
+    contents = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    return [c for c in contents if c]
+
+
 def only_record() -> UsageRecord:
     recs = records()
     assert len(recs) == 1, [(r.request_id, r.status) for r in recs]
@@ -171,8 +182,7 @@ def test_a_locked_database_skips_checkpoints_but_never_cuts_the_stream(upstream,
 def test_stream_injects_usage_and_strips_the_extra_chunk(relay, upstream):
     """The relay asks upstream for usage but a client that did not ask never sees the usage chunk."""
     _app, client, acct = relay
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
     events = sse_events(r.data)
     assert all(e.get("choices") for e in events), "usage chunk leaked to a client that did not ask"
@@ -504,8 +514,7 @@ def test_timeout_before_first_byte_is_504_without_retry(relay, upstream):
     _app, client, acct = relay
     scenario(upstream, "hang_before_ms=2500")
     fake_reset(upstream)
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 504
     rec = only_record()
     assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 1, 0)
@@ -516,8 +525,7 @@ def test_drip_below_idle_timeout_is_cut_at_the_total_deadline(relay, upstream):
     """An upstream dripping keepalives forever is cut at the 3 s total deadline; no output → 0 billed."""
     _app, client, acct = relay
     scenario(upstream, "drip_ms=200")
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 200
     assert b"interrupted" in r.data
     rec = only_record()
@@ -539,10 +547,8 @@ def test_reset_mid_stream_bills_input_and_delivered_output_estimated(relay, upst
     """reset_after=3: the client got 3 deltas and an error event; billed input estimate + 3 deltas."""
     _app, client, acct = relay
     scenario(upstream, "reset_after=3")
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
-    contents = [e["choices"][0]["delta"].get("content") for e in sse_events(r.data) if e.get("choices")]
-    assert [c for c in contents if c] == ["chunk 0", " chunk 1", " chunk 2"]
+    r = stream_chat(client, acct)
+    assert delta_texts(sse_events(r.data)) == ["chunk 0", " chunk 1", " chunk 2"]
     assert sse_events(r.data)[-1]["error"]["code"] == "upstream_error"
     rec = only_record()
     assert (rec.status, rec.usage_source) == ("partial", "estimated")
@@ -568,12 +574,10 @@ def test_an_event_larger_than_a_read_passes_through_whole(relay, upstream):
     """huge_after=2: a 1 MB event (many reads) reaches the client intact between the deltas."""
     _app, client, acct = relay
     scenario(upstream, "huge_after=2")
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 200
     assert r.data.count(HUGE_EVENT) == 1 and r.data.endswith(b"data: [DONE]\n\n")
-    contents = [e["choices"][0]["delta"].get("content") for e in sse_events(r.data) if e.get("choices")]
-    assert [c for c in contents if c] == ["chunk 0", " chunk 1", " chunk 2", " chunk 3", " chunk 4"]
+    assert delta_texts(sse_events(r.data)) == ["chunk 0", " chunk 1", " chunk 2", " chunk 3", " chunk 4"]
     rec = only_record()
     assert (rec.status, rec.usage_source, rec.output_tokens) == ("ok", "upstream", 5)
     assert_consistent(acct.user_id)
@@ -585,12 +589,10 @@ def test_an_event_beyond_the_reply_limit_cuts_the_stream(relay, upstream, monkey
     _app, client, acct = relay
     monkeypatch.setattr(proxy, "MAX_REPLY_BYTES", 256 * 1024)
     scenario(upstream, "huge_after=2")
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 200 and b"xxxx" not in r.data
     events = sse_events(r.data)
-    contents = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e.get("choices")]
-    assert [c for c in contents if c] == ["chunk 0", " chunk 1"]
+    assert delta_texts(events[:-1]) == ["chunk 0", " chunk 1"]
     assert events[-1]["error"]["code"] == "upstream_error"
     rec = only_record()
     assert (rec.status, rec.usage_source, rec.error) == ("partial", "estimated", "upstream event beyond the size limit")
@@ -603,8 +605,7 @@ def test_stream_without_usage_is_estimated(relay, upstream):
     """no_usage=1: billed from the request estimate and the delivered text, marked estimated."""
     _app, client, acct = relay
     scenario(upstream, "no_usage=1")
-    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": True},
-                    headers=bearer(acct))
+    r = stream_chat(client, acct)
     assert r.status_code == 200 and r.data.endswith(b"[DONE]\n\n")
     rec = only_record()
     assert (rec.status, rec.usage_source) == ("ok", "estimated")
