@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
+import time
+from contextlib import contextmanager
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import select, update
@@ -472,6 +476,79 @@ def test_upstream_429_honours_retry_after_and_passes_it_on(relay, upstream):
     assert fake_stats(upstream)["requests"] == 2
     rec = only_record()
     assert (rec.status, rec.attempts, rec.charge_micros) == ("failed", 2, 0)
+    assert_consistent(acct.user_id)
+
+
+@contextmanager
+def raw_upstream(status: int, headers: dict[str, str], body_bytes: int = 0):
+    """An upstream on 127.0.0.1 that answers every request with `status`, `headers` and a body of
+    `body_bytes` bytes. Yields (base URL, bytes each reply managed to send before its reader left)."""
+    sent: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(status)
+            for k, v in {**headers, "content-type": "application/json", "content-length": str(body_bytes)}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            done, block = 0, b" " * 65536
+            try:
+                while done < body_bytes:
+                    self.wfile.write(block[: body_bytes - done])
+                    done += min(len(block), body_bytes - done)
+            except OSError:
+                pass
+            sent.append(done)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", sent
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _only_channel(base: str) -> None:
+    with write_tx():
+        db.session.execute(update(Channel).values(status="disabled"))
+    channels.create_channel(name="raw", type="openai", base_url=base, api_key="sk-raw-channel-key",
+                            models="gpt-4o-mini")
+    db.session.remove()
+
+
+@pytest.mark.parametrize("value, passed_on", [("inf", "1"), ("1e400", "1"), ("nan", "1"), ("-3", "1"),
+                                              ("Wed, 21 Oct 2015 07:28:00 GMT", "1"), ("1e300", "86400")])
+def test_a_retry_after_that_is_no_number_of_seconds_is_a_clean_429(relay, value, passed_on):
+    """Retry-After is read as a number of seconds up to a day; anything else as if absent."""
+    _app, client, acct = relay
+    with raw_upstream(429, {"retry-after": value}) as (base, _sent):
+        _only_channel(base)
+        r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                        headers=bearer(acct))
+    assert r.status_code == 429 and r.headers["Retry-After"] == passed_on
+    assert (only_record().status, only_record().charge_micros) == ("failed", 0)
+    assert_consistent(acct.user_id)
+
+
+def test_a_failed_attempts_large_reply_is_not_read_to_its_end(relay):
+    """A 500 with a 50 MB body: each attempt reads at most a little of it and drops the
+    connection, so an upstream's error cannot fill the worker's memory or time."""
+    _app, client, acct = relay
+    with raw_upstream(500, {}, body_bytes=50 * 1024 * 1024) as (base, sent):
+        _only_channel(base)
+        r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                        headers=bearer(acct))
+        assert r.status_code == 502
+        deadline = time.monotonic() + 5
+        while len(sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(sent) == 3 and max(sent) < 20 * 1024 * 1024, sent
+    assert (only_record().status, only_record().attempts) == ("failed", 3)
     assert_consistent(acct.user_id)
 
 

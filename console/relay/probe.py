@@ -25,7 +25,7 @@ from console.database import write_tx
 from console.extensions import db
 from console.logging_setup import redact
 from console.models import Channel, utcnow
-from console.relay.upstream import client, request_headers
+from console.relay.upstream import client, discard, request_headers
 
 PROBE_PATHS = {"openai": "/models", "anthropic": "/v1/models"}
 PROBE_TIMEOUT_S = 10.0
@@ -65,12 +65,14 @@ def probe_one(route: channels.Route) -> str | None:
     """None if the channel answered as a healthy one, else what went wrong (no secret, no URL)."""
     headers = request_headers(route, {})
     headers.pop("content-type", None)
+    http = client()
+    req = http.build_request("GET", route.base_url + PROBE_PATHS[route.type], headers=headers,
+                             timeout=httpx.Timeout(PROBE_TIMEOUT_S))
     try:
-        resp = client().get(route.base_url + PROBE_PATHS[route.type], headers=headers,
-                            timeout=httpx.Timeout(PROBE_TIMEOUT_S))
+        resp = http.send(req, stream=True)  # the status is the answer: the list is not read on
     except httpx.HTTPError as exc:
         return redact(f"probe: {type(exc).__name__}")
-    resp.close()
+    discard(resp)
     return None if healthy(resp.status_code) else f"probe: upstream status {resp.status_code}"
 
 

@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import select
@@ -277,12 +278,34 @@ class UpstreamFailure(Exception):
         self.channel_id, self.retry_after = channel_id, retry_after
 
 
+RETRY_AFTER_MAX_S = 86_400  # what a Retry-After is read as at most (and passed on as)
+ERROR_BODY_MAX = 64 * 1024  # what is read of a failed attempt's reply before its connection is dropped
+
+
 def _retry_after(resp: httpx.Response) -> float | None:
+    """Seconds, if the upstream sent a number of them ("inf", "nan" and dates are no number)."""
     raw = resp.headers.get("retry-after")
     try:
-        return max(0.0, float(raw)) if raw is not None else None
+        value = float(raw) if raw is not None else math.nan
     except ValueError:
         return None
+    return min(max(0.0, value), RETRY_AFTER_MAX_S) if math.isfinite(value) else None
+
+
+def discard(resp: httpx.Response) -> None:
+    """A reply whose body is not wanted (a failed attempt, a probe): read to its end if it is
+    small, so its connection can serve the next call; a larger one is not read on (nothing
+    bounds what an upstream sends)."""
+    try:
+        size = 0
+        for chunk in resp.iter_raw():
+            size += len(chunk)
+            if size > ERROR_BODY_MAX:
+                break
+    except (httpx.HTTPError, httpx.StreamError):  # cut short, or already read (a mock transport's)
+        pass
+    finally:
+        resp.close()
 
 
 def open_call(routes: list[Route], surface: Surface, body_for, client_headers: dict[str, str],
@@ -325,12 +348,7 @@ def open_call(routes: list[Route], surface: Surface, body_for, client_headers: d
             if code < 400 or (code < 500 and code not in (401, 403, 429)):
                 channels.record_success(route)
                 return Opened(route, resp, attempt + 1)
-            try:
-                resp.read()
-            except httpx.HTTPError:
-                pass
-            finally:
-                resp.close()
+            discard(resp)
             if code == 429:
                 wait = _retry_after(resp)
                 ra = int(wait) if wait is not None else 1
