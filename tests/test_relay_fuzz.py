@@ -230,3 +230,17 @@ def test_hot_path_json_reads_what_orjson_refuses_as_the_standard_library_does(ra
             return ("refused", type(exc).__name__)
 
     assert outcome(loads) == outcome(json.loads)
+
+
+@pytest.mark.parametrize("count", [b"3000000000", b"100000000000000000000", b"3e9", b"1.5e30"])
+def test_a_usage_count_out_of_range_in_any_number_form_is_not_believed(count):
+    """However an upstream spells a count beyond 2^31 - 1 (an integer past 64 bits is read as a
+    float), the usage is not believed, in a whole reply and in a stream."""
+    from console.relay.protocols import CHAT, MESSAGES, StreamMeter, believable, loads, usage_from_json
+
+    reply = loads(b'{"usage": {"prompt_tokens": ' + count + b', "completion_tokens": 2}}')
+    assert not believable(usage_from_json(CHAT, reply))
+    meter = StreamMeter(MESSAGES, strip_usage_chunk=False)
+    meter.feed(b'data: {"type": "message_start", "message": {"usage": {"input_tokens": ' + count + b'}}}\n\n')
+    meter.feed(b'data: {"type": "message_delta", "usage": {"output_tokens": 2}}\n\n')
+    assert meter.unbelievable and meter.usage is None and not meter.complete_usage

@@ -79,8 +79,19 @@ def _str(v) -> str:
     return v if isinstance(v, str) else ""
 
 
+# A count beyond this is no real call's (the largest context windows are a few million tokens)
+# and would not fit the usage record's columns (PostgreSQL INTEGER): usage reporting it is not
+# believed, and the call is billed as if the upstream had reported none (marked estimated).
+MAX_REPORTED_TOKENS = 2**31 - 1
+UNBELIEVABLE_USAGE = "usage from upstream out of range"
+
+
 def _int(v) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    """A token count: a positive integer, else 0; but a number beyond MAX_REPORTED_TOKENS in
+    any form stays beyond it (`loads` reads an integer past 64 bits as a float)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v if v > 0 else 0
+    return MAX_REPORTED_TOKENS + 1 if isinstance(v, float) and v > MAX_REPORTED_TOKENS else 0
 
 
 def openai_tokens(u: dict) -> Tokens:
@@ -102,13 +113,6 @@ def anthropic_tokens(u: dict) -> Tokens:
     return Tokens(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
                   cache_write_5m=created - w1h, cache_write_1h=w1h,
                   cache_read=_int(u.get("cache_read_input_tokens")))
-
-
-# A count beyond this is no real call's (the largest context windows are a few million tokens)
-# and would not fit the usage record's columns (PostgreSQL INTEGER): usage reporting it is not
-# believed, and the call is billed as if the upstream had reported none (marked estimated).
-MAX_REPORTED_TOKENS = 2**31 - 1
-UNBELIEVABLE_USAGE = "usage from upstream out of range"
 
 
 def believable(tokens: Tokens) -> bool:
