@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from console import create_app  # noqa: E402
 from console.config import database_url  # noqa: E402
-from console.extensions import db  # noqa: E402
+from console.extensions import db, limiter  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_URL = os.environ.get("TEST_DATABASE_URL")
@@ -96,9 +96,34 @@ def make_app(url: str, **overrides):
         "SERVER_NAME": None,
     }
     config.update(overrides)
+    # The limiter is one object for every app of the process (one app per process in
+    # production). A test whose limit storage was unreachable leaves it on its in-memory
+    # fallback, and a later test's app would switch back to its own storage a few seconds in,
+    # losing the counts made meanwhile: each app starts with the storage it was given.
+    limiter._storage_dead = False
+    limiter._Limiter__check_backend_count = 0
     application = create_app(config)
     application.test_client_class = IsolatedClient
+    _APPS.append(application)
     return application
+
+
+_APPS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines():
+    """Close the pooled connections of every app a test made, when the test ends. A pool left
+    to the garbage collector closes its PostgreSQL connections whenever it runs, and psycopg's
+    ResourceWarning then fails whichever test is running at that moment."""
+    first = len(_APPS)
+    yield
+    made, _APPS[first:] = _APPS[first:], []
+    for application in made:
+        with application.app_context():
+            db.session.remove()
+            for engine in db.engines.values():
+                engine.dispose()
 
 
 @pytest.fixture
