@@ -88,8 +88,19 @@ def test_estimate_reads_any_request_content(content, extra):
     """The hold's size estimate walks any JSON a well-formed request may carry without failing."""
     from console.relay.metering import estimate
 
-    est = estimate({"model": "gpt-4o-mini", "messages": content, **extra})
+    body = {"model": "gpt-4o-mini", "messages": content, **extra}
+    est = estimate(body)
     assert est.text_bytes >= est.text_chars >= 0 and est.images >= 0 and est.files >= 0
+    if not est.images and not est.files:  # then every string value counts, in UTF-8 bytes
+        assert est.text_bytes == sum(len(v.encode("utf-8", "surrogatepass")) for v in _string_values(body))
+
+
+def _string_values(v):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, (dict, list)):
+        for x in v.values() if isinstance(v, dict) else v:
+            yield from _string_values(x)
 
 
 @settings(max_examples=500, deadline=None, database=None)

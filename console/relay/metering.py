@@ -135,7 +135,8 @@ def estimate(body: dict) -> Estimate:
         node = stack.pop()
         if isinstance(node, str):
             text_chars += len(node)
-            text_bytes += len(node.encode("utf-8", "surrogatepass"))
+            # ASCII (most of a request) is a byte per character: no copy to count it.
+            text_bytes += len(node) if node.isascii() else len(node.encode("utf-8", "surrogatepass"))
         elif isinstance(node, dict):
             objects += 1
             kind = node.get("type")
