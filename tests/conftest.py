@@ -14,11 +14,19 @@ from flask.testing import FlaskClient
 
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 
+from argon2 import PasswordHasher  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from console import create_app  # noqa: E402
+from console import accounts, create_app  # noqa: E402
 from console.config import database_url  # noqa: E402
 from console.extensions import db, limiter  # noqa: E402
+
+# Production hashes cost ~130 ms each to make and to check, and most tests make or log in a
+# user. The tests in this process use the cheapest argon2id instead; servers and CLI commands
+# the tests start keep the production parameters (test_auth checks both, and the upgrade of
+# a cheap hash to the production one at the next login).
+PRODUCTION_HASHER = accounts._hasher
+accounts._hasher = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_URL = os.environ.get("TEST_DATABASE_URL")

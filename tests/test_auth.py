@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from console import accounts
 from console.extensions import db
 from console.models import AuditLog, User, Wallet
-from tests.conftest import make_app
+from tests.conftest import PRODUCTION_HASHER, make_app
 from tests.support.web import HX, PASSWORD, login, make_user, page_token
 
 
@@ -27,6 +28,27 @@ def test_register_creates_user_wallet_and_logs_in(ctx, client):
     wallet = db.session.scalar(select(Wallet).where(Wallet.user_id == user.id))
     assert wallet.balance_micros == 0 and wallet.held_micros == 0
     assert client.get("/wallet/").status_code == 200
+
+
+def test_production_passwords_are_hashed_with_argon2id_t3_m64mib_p4():
+    """The module's own hasher, which servers use (this test process swaps in a cheap one)."""
+    assert (PRODUCTION_HASHER.time_cost, PRODUCTION_HASHER.memory_cost,
+            PRODUCTION_HASHER.parallelism) == (3, 65536, 4)
+    assert PRODUCTION_HASHER.hash(PASSWORD).startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+
+
+def test_a_weaker_hash_is_upgraded_at_the_next_login(ctx, client, monkeypatch):
+    """A hash made with other parameters is replaced by a production one when its owner logs in."""
+    user = make_user("old@example.com")
+    old = user.password_hash
+    assert not old.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    monkeypatch.setattr(accounts, "_hasher", PRODUCTION_HASHER)
+    assert _post_login(client, "old@example.com", PASSWORD).status_code == 302
+    db.session.refresh(user)
+    assert user.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert PRODUCTION_HASHER.verify(user.password_hash, PASSWORD)
+    client.post("/logout", data={"csrf_token": page_token(client, "/")})
+    assert _post_login(client, "old@example.com", PASSWORD).status_code == 302
 
 
 @pytest.mark.parametrize("password", ["short", "x" * 129])

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.upstream import fake_upstream
+from tests.support.upstream import CONTROL, fake_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS5 = "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
@@ -37,11 +37,11 @@ def claude(upstream):
 
 
 def stats(upstream):
-    return httpx.get(f"{upstream}/_fake/stats").json()
+    return CONTROL.get(f"{upstream}/_fake/stats").json()
 
 
 def reset(upstream):
-    httpx.post(f"{upstream}/_fake/reset").raise_for_status()
+    CONTROL.post(f"{upstream}/_fake/reset").raise_for_status()
 
 
 def wait_for(predicate, timeout=2.0):

@@ -21,11 +21,13 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
 import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -203,6 +205,14 @@ class _CountedStream(httpx.SyncByteStream):
         self._inner.close()
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context per process, for every shard and app: building one loads the CA bundle
+    (~30 ms of CPU), which per shard stalled a new worker's event loop for a second at its
+    first call. It holds no connection state, so a context made before a fork stays usable."""
+    return httpx.create_ssl_context()
+
+
 class Pools:
     """A process's httpx clients to upstreams: `shards` clients, each with its own connection
     pool on a PinnedBackend, no cookies, no redirects. pick() gives the one with the fewest
@@ -212,9 +222,7 @@ class Pools:
     def __init__(self, *, timeout: httpx.Timeout, allow_private: bool, shards: int = POOL_SHARDS,
                  transport: httpx.BaseTransport | None = None):
         self._shards = []
-        # One TLS context for every shard: building one loads the CA bundle (~30 ms of CPU),
-        # which per shard stalled a new worker's event loop for a second at its first call.
-        ssl_context = httpx.create_ssl_context() if transport is None else None
+        ssl_context = _ssl_context() if transport is None else None
         for _ in range(1 if transport is not None else shards):
             counted = _Counted(transport or _transport(allow_private, ssl_context))
             self._shards.append((counted, _Client(timeout=timeout, follow_redirects=False, transport=counted)))
