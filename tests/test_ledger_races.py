@@ -19,7 +19,7 @@ from console import accounts, ledger, vouchers
 from console.extensions import db
 from console.models import LedgerEntry, Voucher
 from tests.conftest import make_app
-from tests.support.server import flask_cli, gunicorn
+from tests.support.server import gunicorn, migrate
 from tests.support.web import PASSWORD, csrf_from
 
 CREDIT = 1_000_000
@@ -163,7 +163,7 @@ def _login(base: str) -> tuple[dict, str]:
 
 def _setup(db_url: str, codes: int) -> list[str]:
     # The schema comes from the migration, as in production.
-    flask_cli(db_url, "db", "upgrade")
+    migrate(db_url)
     app = make_app(db_url)
     with app.app_context():
         accounts.create_user("race@example.com", PASSWORD)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import need_redis
-from tests.support.server import flask_cli, gunicorn
+from tests.support.server import flask_cli, gunicorn, migrate
 from tests.support.web import PASSWORD
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def _attempt(base: str, password: str) -> int:
 def test_login_throttle_shared_across_workers(db_url):
     """With REDIS_URL set, N failures across 3 workers trip the limit for every worker."""
     redis_url = need_redis()
-    flask_cli(db_url, "db", "upgrade")
+    migrate(db_url)
     flask_cli(db_url, "create-user", "victim@example.com", "--password", PASSWORD)
     env = {"REDIS_URL": redis_url, "LOGIN_LIMITS": "4 per 15 minutes",
            "RATELIMIT_KEY_PREFIX": f"test-{uuid.uuid4().hex}"}

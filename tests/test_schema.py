@@ -10,14 +10,14 @@ from sqlalchemy.exc import DatabaseError
 from console import ledger
 from console.extensions import db
 from tests.conftest import make_app, need_postgres, reset_postgres
-from tests.support.server import flask_cli
+from tests.support.server import flask_cli, migrate
 from tests.support.web import make_user
 
 
 @pytest.fixture
 def migrated_app(db_url):
     """An app on a database built by `flask db upgrade`, as production builds it."""
-    flask_cli(db_url, "db", "upgrade")
+    migrate(db_url)
     application = make_app(db_url)
     yield application
     with application.app_context():
@@ -125,7 +125,7 @@ def test_usage_index_migration_goes_down_and_up(db_url):
         finally:
             engine.dispose()
 
-    flask_cli(db_url, "db", "upgrade")
+    migrate(db_url)
     assert "ix_usage_user_id_desc" not in usage_indexes()
     flask_cli(db_url, "db", "downgrade", "0003")
     assert "ix_usage_user_id_desc" in usage_indexes()

@@ -16,7 +16,7 @@ from console import ledger, vouchers
 from console.extensions import db
 from console.models import AuditLog, LedgerEntry, User, Voucher, VoucherBatch, utcnow
 from tests.conftest import make_app
-from tests.support.server import flask_cli
+from tests.support.server import flask_cli, migrate
 from tests.support.web import HX, csrf_from, login, make_user
 
 CODE_RE = re.compile(r"^[A-HJ-NP-Z2-9]{4}(-[A-HJ-NP-Z2-9]{4}){4}$")
@@ -122,7 +122,7 @@ def test_codes_csv_format(ctx):
 @pytest.mark.slow
 def test_cli_mint_writes_csv_only_and_db_has_no_code(db_url, tmp_path):
     """mint-vouchers (on the migrated schema) writes the codes to the CSV only; the DB holds no code."""
-    flask_cli(db_url, "db", "upgrade")
+    migrate(db_url)
     out = tmp_path / "cards.csv"
     res = flask_cli(db_url, "mint-vouchers", "--count", "5", "--value", "50", "--expires-days", "30",
                     "--note", "shop A", "--out", str(out))

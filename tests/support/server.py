@@ -28,6 +28,15 @@ def flask_cli(db_url: str, *args: str, env: dict | None = None, check: bool = Tr
                           capture_output=True, text=True, check=check, timeout=120)
 
 
+def migrate(db_url: str) -> None:
+    """`flask db upgrade` on an empty database, as production builds one (on PostgreSQL the
+    db_url fixture hands out the create_all schema, so it is dropped first)."""
+    if db_url.startswith("postgresql"):
+        from tests.conftest import reset_postgres
+        reset_postgres(db_url)
+    flask_cli(db_url, "db", "upgrade")
+
+
 @contextmanager
 def gunicorn(db_url: str, *, workers: int = 2, env: dict | None = None, log_path: Path | None = None):
     """Start gunicorn with our config; yields the base URL; stops it at the end."""
