@@ -1,6 +1,7 @@
 """Accounts: registration, password hashing (argon2id), authentication, session revocation."""
 from __future__ import annotations
 
+import functools
 import secrets
 import unicodedata
 
@@ -18,8 +19,14 @@ PASSWORD_MIN = 12
 PASSWORD_MAX = 128
 
 _hasher = PasswordHasher()  # argon2id, t=3, m=64 MiB, p=4: above the OWASP minimum
-# Verified against for unknown e-mails, so they cost the same time as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against for unknown e-mails, so they cost the same time as a wrong password.
+    Made at the first login of the process, not at import: every CLI command and worker
+    would pay its ~120 ms at start-up."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class AccountError(ValueError):
@@ -78,11 +85,12 @@ def authenticate(email: str, password: str, *, ip: str | None = None) -> User | 
         email = normalize_email(email)
     except AccountError:
         email = None
+    dummy = _dummy_hash()  # before the lookup: the first login costs the same either way
     user = db.session.scalar(select(User).where(User.email == email)) if email else None
     if not isinstance(password, str) or len(password) > PASSWORD_MAX:
         password = ""
     try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+        _hasher.verify(user.password_hash if user else dummy, password)
         ok = user is not None and user.is_active
     except (VerificationError, InvalidHashError):
         ok = False

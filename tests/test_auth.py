@@ -1,6 +1,8 @@
 """Accounts: registration, login, logout, session revocation, next= safety, throttling."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 from sqlalchemy import select
 
@@ -43,6 +45,7 @@ def test_a_weaker_hash_is_upgraded_at_the_next_login(ctx, client, monkeypatch):
     old = user.password_hash
     assert not old.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     monkeypatch.setattr(accounts, "_hasher", PRODUCTION_HASHER)
+    monkeypatch.setattr(accounts, "_dummy_hash", functools.cache(accounts._dummy_hash.__wrapped__))
     assert _post_login(client, "old@example.com", PASSWORD).status_code == 302
     db.session.refresh(user)
     assert user.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
@@ -86,6 +89,27 @@ def test_unknown_email_and_wrong_password_look_alike(ctx, client):
     assert b"Wrong e-mail or password." in a.data and b"Wrong e-mail or password." in b.data
     actions = db.session.scalars(select(AuditLog.action)).all()
     assert actions.count("auth.login_failed") == 2
+
+
+def test_an_unknown_email_costs_one_hash_check_like_a_wrong_password(ctx, monkeypatch):
+    """Both verify one argon2 hash of the same parameters, so their time does not tell them apart."""
+    make_user()
+    checked = []
+    real = accounts._hasher
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def verify(self, hash_, password):
+            checked.append(hash_.rsplit("$", 2)[0])
+            return real.verify(hash_, password)
+
+    monkeypatch.setattr(accounts, "_hasher", Spy())
+    accounts._dummy_hash.cache_clear()  # made by this process's hasher, as in production
+    assert accounts.authenticate("nobody@example.com", PASSWORD) is None
+    assert accounts.authenticate("user@example.com", "wrong password!!") is None
+    assert len(checked) == 2 and checked[0] == checked[1]
 
 
 def test_session_cookie_flags(ctx, client):

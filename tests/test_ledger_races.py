@@ -27,8 +27,8 @@ CREDIT = 1_000_000
 
 def _ctx():
     ctx = mp.get_context("forkserver")
-    # Import everything once in the server (console.accounts computes an argon2 hash at
-    # import), so the children start fast.
+    # Import everything once in the server (about a second of imports), so the children
+    # start fast.
     ctx.set_forkserver_preload(["tests.test_ledger_races"])
     return ctx
 
