@@ -2,11 +2,13 @@
 protocols, usage, errors, header hygiene, billing policy rows, retries, failover, reconcile."""
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import sqlite3
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,9 +38,11 @@ from tests.support.upstream import (
     records,
     seed_catalog,
     wallet,
+    zstd,
 )
 
 HI = [{"role": "user", "content": "hi"}]
+HELLO = json.dumps({"model": "gpt-4o-mini", "messages": HI}).encode()
 
 
 @pytest.fixture(scope="module")
@@ -380,13 +384,50 @@ def test_auth_and_model_errors_use_each_api_shape(relay):
     ({"json": {"model": "gpt-4o-mini", "max_tokens": -1}}, 400),
     ({"json": {"model": "gpt-4o-mini", "max_tokens": True}}, 400),
     ({"data": b'{"model": "' + b"a" * (17 * 1024 * 1024) + b'"}', "content_type": "application/json"}, 413),
+    # Compressed bodies: a coding not accepted, bytes that are not what they claim, a small
+    # body that decodes beyond the limit (16 MiB), more codings than accepted.
+    ({"data": b"{}", "content_type": "application/json", "headers": {"Content-Encoding": "br"}}, 415),
+    ({"data": b"{}", "content_type": "application/json", "headers": {"Content-Encoding": "gzip, gzip, gzip"}}, 415),
+    ({"data": gzip.compress(HELLO)[:-9], "content_type": "application/json",
+      "headers": {"Content-Encoding": "gzip"}}, 400),
+    ({"data": HELLO, "content_type": "application/json", "headers": {"Content-Encoding": "zstd"}}, 400),
+    ({"data": zstd(b'{"model": "gpt-4o-mini", "x": "' + b"0" * (17 * 1024 * 1024) + b'"}'),
+      "content_type": "application/json", "headers": {"Content-Encoding": "zstd"}}, 413),
+    ({"data": gzip.compress(b" " * (17 * 1024 * 1024) + HELLO), "content_type": "application/json",
+      "headers": {"Content-Encoding": "gzip"}}, 413),
 ])
 def test_bad_input_is_a_clear_4xx_and_changes_nothing(relay, kwargs, status):
     """Malformed, mistyped or oversize bodies get 400/413/415, never 500, and bill nothing."""
     _app, client, acct = relay
-    r = client.post("/v1/chat/completions", headers=bearer(acct), **kwargs)
+    kwargs = dict(kwargs)  # the parameters are shared by both databases' runs
+    r = client.post("/v1/chat/completions", headers={**bearer(acct), **kwargs.pop("headers", {})}, **kwargs)
     assert r.status_code == status, r.data[:200]
     assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+
+
+@pytest.mark.parametrize("coding, encode", [
+    ("zstd", zstd),  # as Codex CLI sends its Responses requests
+    ("gzip", gzip.compress),
+    ("x-gzip", lambda b: gzip.compress(b[:20]) + gzip.compress(b[20:])),  # two members
+    ("deflate", zlib.compress),
+    ("deflate", lambda b: zlib.compress(b, wbits=-15)),  # a bare deflate stream
+    ("gzip, zstd", lambda b: zstd(gzip.compress(b))),
+    ("identity", lambda b: b),
+])
+def test_a_compressed_body_is_decoded_and_passed_on_plain(relay, upstream, coding, encode):
+    """The upstream receives the same JSON uncompressed, without the client's Content-Encoding,
+    and the call is billed as the same call sent plain."""
+    _app, client, acct = relay
+    body = {"model": "gpt-4o-mini", "input": "hi \u00e9", "stream": True}
+    r = client.post("/v1/responses", data=encode(json.dumps(body).encode()), content_type="application/json",
+                    headers={**bearer(acct), "Content-Encoding": coding})
+    assert r.status_code == 200, r.data[:200]
+    assert b"response.completed" in r.data
+    sent = fake_last(upstream)
+    assert sent["body"]["input"] == body["input"] and sent["body"]["stream"] is True
+    assert "content-encoding" not in sent["headers"]
+    (rec,) = records()
+    assert rec.status == "ok" and rec.usage_source == "upstream" and rec.charge_micros > 0
 
 
 def test_depth_counts_containers_not_brackets_inside_strings(relay):

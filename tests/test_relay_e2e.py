@@ -35,6 +35,7 @@ from tests.support.upstream import (
     records,
     seed_catalog,
     wallet,
+    zstd,
 )
 
 pytestmark = pytest.mark.slow
@@ -112,6 +113,12 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
         assert oai.responses.create(model="gpt-4o-mini", input="hi").output_text == words
         with oai.responses.stream(model="gpt-4o-mini", input="hi") as stream:
             assert stream.get_final_response().output_text == words
+        # Codex CLI signed in with a ChatGPT account sends its Responses requests zstd-compressed.
+        codex = httpx.post(f"{base}/v1/responses", timeout=30,
+                           content=zstd(json.dumps({"model": "gpt-4o-mini", "input": "hi", "stream": True}).encode()),
+                           headers={"Authorization": f"Bearer {acct.key}", "Content-Type": "application/json",
+                                    "Content-Encoding": "zstd"})
+        assert codex.status_code == 200 and "event: response.completed" in codex.text
         assert len(oai.embeddings.create(model="text-embedding-3-small", input=["a", "b"]).data) == 2
         assert {m.id for m in oai.models.list()} == {"gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small"}
         with (pytest.raises(openai.AuthenticationError),
@@ -131,7 +138,7 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
 
     with app.app_context():
         recs = records()
-        assert len(recs) == 8 and all(r.status == "ok" and r.usage_source == "upstream" for r in recs)
+        assert len(recs) == 9 and all(r.status == "ok" and r.usage_source == "upstream" for r in recs)
         assert all(r.charge_micros == recomputed(r) for r in recs)
         assert sum(r.cache_write_5m_tokens for r in recs) > 0 and sum(r.cache_read_tokens for r in recs) > 0
         assert wallet(acct.user_id).balance_micros == 100_000_000 - sum(r.charge_micros for r in recs)

@@ -1,16 +1,20 @@
 """Generated malformed bodies against the relay: always a 4xx, never a 5xx, never a charge."""
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from console.extensions import db
+from console.relay.content_coding import decode
+from console.relay.errors import RelayError
 from console.relay.upstream import close_client
 from tests.conftest import make_app
-from tests.support.upstream import add_channels, make_account, records, seed_catalog, wallet
+from tests.support.upstream import add_channels, make_account, records, seed_catalog, wallet, zstd
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                     | st.text(max_size=20), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
@@ -33,6 +37,19 @@ BODIES = st.one_of(
     BAD_FIELDS.map(lambda v: (json.dumps(v).replace("null", "NaN", 1).encode(), "application/json")),
     st.fixed_dictionaries({"model": st.just("gpt-4o-mini")}).map(lambda v: (json.dumps(v).encode(), "text/plain")),
 )
+# Content-Encoding headers, accepted or not; a body is sent encoded as its header says, or not.
+CODINGS = st.sampled_from([None, "identity", "gzip", "x-gzip", "deflate", "zstd", "gzip, zstd", "br",
+                           "gzip, gzip, gzip"])
+UNACCEPTED = ("br", "gzip, gzip, gzip")
+_ENCODERS = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstd}
+
+
+def _encode(data: bytes, coding: str | None) -> bytes:
+    for name in (coding or "").split(","):
+        data = _ENCODERS.get(name.strip(), bytes)(data)
+    return data
+
+
 PATHS = st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/embeddings",
                          "/v1/messages/count_tokens"])
 
@@ -58,17 +75,40 @@ def test_malformed_bodies_never_5xx_and_never_charge(fuzz_relay):
 
     @settings(max_examples=1000, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(body=BODIES, path=PATHS)
-    def check(body, path):
+    @given(body=BODIES, path=PATHS, coding=CODINGS, encoded=st.booleans())
+    def check(body, path, coding, encoded):
         data, ctype = body
-        r = client.post(path, data=data, content_type=ctype, headers={"Authorization": f"Bearer {acct.key}"})
-        assert 400 <= r.status_code < 500, (r.status_code, data[:200], r.data[:200])
+        headers = {"Authorization": f"Bearer {acct.key}"} | ({"Content-Encoding": coding} if coding else {})
+        r = client.post(path, data=_encode(data, coding) if encoded else data, content_type=ctype, headers=headers)
+        assert 400 <= r.status_code < 500, (r.status_code, coding, data[:200], r.data[:200])
         assert r.headers["x-request-id"].startswith("req_")
         seen.add(r.status_code)
 
     check()
     assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000 and wallet(acct.user_id).held_micros == 0
     assert {400, 415} <= seen
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(data=st.binary(max_size=3000), coding=CODINGS, encoded=st.booleans(), limit=st.integers(0, 4000))
+def test_a_body_is_decoded_whole_or_refused_with_a_clear_4xx(data, coding, encoded, limit):
+    """Whatever the bytes and the header: the body as sent, or 400 (not that coding), 413
+    (decoded beyond the limit) or 415 (a coding not accepted); never another exception."""
+    sent = _encode(data, coding) if encoded else data
+    try:
+        out = decode(sent, coding, limit)
+    except RelayError as exc:
+        assert exc.status in (400, 413, 415), exc.status
+        if coding in UNACCEPTED:
+            assert exc.status == 415
+        elif encoded:
+            assert exc.status == 413 and len(data) > limit
+        return
+    assert coding not in UNACCEPTED
+    if encoded or coding in (None, "identity"):
+        assert out == data
+    if coding not in (None, "identity"):
+        assert len(out) <= limit
 
 
 # ---- well-formed requests with arbitrary content, arbitrary upstream JSON -------------------

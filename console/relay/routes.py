@@ -11,7 +11,7 @@ import re
 from flask import Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from console.relay import bp, proxy
+from console.relay import bp, content_coding, proxy
 from console.relay.auth import authenticate, group_models, presented_secret, resolve_model
 from console.relay.errors import RelayError, from_error
 from console.relay.metering import StaleKey, new_request_id
@@ -98,6 +98,7 @@ def _json_body() -> dict:
     if request.mimetype != "application/json":
         raise RelayError(415, "Send the body as application/json.", code="unsupported_media_type")
     raw = request.get_data(cache=False)  # over RELAY_MAX_BODY: 413 from werkzeug
+    raw = content_coding.decode(raw, request.headers.get("Content-Encoding"), current_app.config["RELAY_MAX_BODY"])
     try:
         body = json.loads(raw, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import zstandard
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
@@ -48,6 +49,12 @@ def fake_upstream(*, chunks: int = 5, delay_ms: int = 0):
 # One client for the fake's control endpoints: httpx.get() builds a client, and so a TLS
 # context (~25 ms), per call. No kept connections, so none outlives its fake upstream.
 CONTROL = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+def zstd(data: bytes) -> bytes:
+    """A zstd frame without the content size, as streaming encoders (Codex CLI's) write it."""
+    enc = zstandard.ZstdCompressor(level=3).compressobj()
+    return enc.compress(data) + enc.flush()
 
 
 def fake_stats(base: str) -> dict:
