@@ -98,7 +98,7 @@ def create_app(overrides: dict | None = None) -> Flask:
 def _init_extensions(app: Flask) -> None:
     from console import models  # noqa: F401  (tables must be known to metadata)
     from console.accounts import load_user
-    from console.extensions import csrf, db, htmx, limiter, login_manager, migrate
+    from console.extensions import cors, csrf, db, htmx, limiter, login_manager, migrate
     from console.hx import login_required_response
 
     db.init_app(app)
@@ -113,6 +113,14 @@ def _init_extensions(app: Flask) -> None:
     at = hooks.index(limiter._check_request_limit)
     check = hooks[at]
     hooks[at] = lambda: None if _is_relay() else check()
+    # Web apps call the API from their own pages (a chat UI in the browser, with the user's
+    # key). The relay reads no cookie and authenticates by key alone, so any origin may call it,
+    # without credentials; the console, signed in by cookie, sends no CORS header at all. Only
+    # cross-origin requests (with an Origin header) get the headers.
+    cors.init_app(app, resources={r"/v1/*": {
+        "origins": "*", "send_wildcard": True, "always_send": False, "supports_credentials": False,
+        "methods": ["GET", "POST"], "allow_headers": "*", "max_age": 600,
+        "expose_headers": ["x-request-id", "Retry-After"]}})
     login_manager.init_app(app)
     login_manager.session_protection = "strong"
     login_manager.login_view = "auth.login"

@@ -430,6 +430,34 @@ def test_a_compressed_body_is_decoded_and_passed_on_plain(relay, upstream, codin
     assert rec.status == "ok" and rec.usage_source == "upstream" and rec.charge_micros > 0
 
 
+def test_browser_apps_may_call_the_relay_from_any_origin_but_not_the_console(relay):
+    """CORS on /v1 only, without credentials: a preflight is answered without a key and bills
+    nothing; a cross-origin call (error or not) may be read with its x-request-id; a call with
+    no Origin gets no CORS header; console pages never allow another origin."""
+    _app, client, acct = relay
+    origin = {"Origin": "https://chat.example"}
+    pre = client.options("/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert pre.status_code == 200 and pre.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    assert pre.headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    assert "Access-Control-Allow-Credentials" not in pre.headers
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                    headers={**bearer(acct), **origin})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+    assert "x-request-id" in r.headers["Access-Control-Expose-Headers"]
+    bad = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                      headers={"Authorization": "Bearer sk-nope", **origin})
+    assert bad.status_code == 401 and bad.headers["Access-Control-Allow-Origin"] == "*"
+    plain = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}, headers=bearer(acct))
+    assert not [h for h in plain.headers.keys() if h.startswith("Access-Control-")]
+    for page in (client.get("/login", headers=origin),
+                 client.options("/login", headers={**origin, "Access-Control-Request-Method": "POST"})):
+        assert not [h for h in page.headers.keys() if h.startswith("Access-Control-")]
+    assert len(records()) == 2  # the two calls made with the key; the preflight is no call
+
+
 def test_depth_counts_containers_not_brackets_inside_strings(relay):
     """128 levels (the top-level object included) pass, and brackets in text are only text:
     a coding agent's request full of code is not refused as too deep."""
