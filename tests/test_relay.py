@@ -507,6 +507,24 @@ def test_models_lists_only_the_group_models(relay):
     assert r.get_json()["data"][0]["type"] == "model" and "has_more" in r.get_json()
 
 
+def test_a_model_of_the_group_is_retrieved_in_each_api_shape(relay):
+    """GET /v1/models/{id} (models.retrieve in both SDKs): the group's model in the shape asked
+    for; a model outside the group, or unknown, is a 404 in that API's error shape."""
+    _app, client, acct = relay
+    r = client.get("/v1/models/gpt-4o-mini", headers=bearer(acct))
+    assert r.status_code == 200 and r.get_json() == {"id": "gpt-4o-mini", "object": "model",
+                                                      "created": 1735689600, "owned_by": "openai"}
+    r = client.get("/v1/models/claude-haiku-4-5", headers={"x-api-key": acct.key, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200 and r.get_json()["type"] == "model" and r.get_json()["id"] == "claude-haiku-4-5"
+    for name in ("not-in-group", "no-such/model"):
+        r = client.get(f"/v1/models/{name}", headers=bearer(acct))
+        assert r.status_code == 404 and r.get_json()["error"]["code"] == "model_not_found"
+    r = client.get("/v1/models/not-in-group", headers={"x-api-key": acct.key, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 404 and r.get_json()["type"] == "error"
+    assert client.get("/v1/models/gpt-4o-mini", headers={"Authorization": "Bearer sk-nope"}).status_code == 401
+    assert records() == []
+
+
 def test_count_tokens_is_forwarded_and_free(relay):
     """count_tokens reaches the anthropic channel and writes no usage record."""
     _app, client, acct = relay

@@ -121,6 +121,10 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
         assert codex.status_code == 200 and "event: response.completed" in codex.text
         assert len(oai.embeddings.create(model="text-embedding-3-small", input=["a", "b"]).data) == 2
         assert {m.id for m in oai.models.list()} == {"gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small"}
+        assert oai.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+        assert claude.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"
+        with pytest.raises(openai.NotFoundError):
+            oai.models.retrieve("not-in-group")
         with (pytest.raises(openai.AuthenticationError),
               openai.OpenAI(base_url=f"{base}/v1", api_key="sk-" + "n" * 43, max_retries=0) as stranger):
             stranger.models.list()

@@ -190,18 +190,36 @@ def embeddings():
     return _relay(EMBEDDINGS)
 
 
+def _model_object(m, anthropic: bool) -> dict:
+    if anthropic:
+        return {"type": "model", "id": m.name, "display_name": m.name, "created_at": "2025-01-01T00:00:00Z"}
+    return {"id": m.name, "object": "model", "created": 1735689600, "owned_by": m.provider}
+
+
 @bp.get("/models")
 def models():
     try:
         caller = _caller()
     except RelayError as exc:
         return from_error(exc)
-    listed = group_models(caller)
-    if "anthropic-version" in request.headers:
-        data = [{"type": "model", "id": m.name, "display_name": m.name,
-                 "created_at": "2025-01-01T00:00:00Z"} for m in listed]
+    anthropic = "anthropic-version" in request.headers
+    data = [_model_object(m, anthropic) for m in group_models(caller)]
+    if anthropic:
         return jsonify({"data": data, "has_more": False,
                         "first_id": data[0]["id"] if data else None,
                         "last_id": data[-1]["id"] if data else None})
-    return jsonify({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": 1735689600, "owned_by": m.provider} for m in listed]})
+    return jsonify({"object": "list", "data": data})
+
+
+@bp.get("/models/<path:model_id>")
+def model(model_id: str):
+    """One model of the key's group (the SDKs' models.retrieve); 404 for any other name."""
+    try:
+        caller = _caller()
+        found = next((m for m in group_models(caller) if m.name == model_id), None)
+        if found is None:
+            raise RelayError(404, f"The model '{model_id[:100]}' does not exist or is not available to this key.",
+                             code="model_not_found")
+    except RelayError as exc:
+        return from_error(exc)
+    return jsonify(_model_object(found, "anthropic-version" in request.headers))
