@@ -64,6 +64,15 @@ FAQ = [
     ("after-sales", "After-sales and customer support",
      "Accounts, top-ups, refunds, installation and environment configuration; free technical "
      "guidance. Remote operation assistance costs 30 RMB and needs an appointment."),
+    ("which-clients", "Which apps and tools can I use with my key?",
+     "Any client of the OpenAI or Anthropic API: set its base URL to this site's `/v1` and use "
+     "your key.\n\n- **SDKs**: OpenAI (`base_url=\".../v1\"`) and Anthropic (`base_url=\"...\"`).\n"
+     "- **Claude Code**: `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY`.\n"
+     "- **Codex CLI**: a model provider with `base_url` and `wire_api = \"responses\"`; "
+     "compressed requests (zstd, gzip) are accepted.\n"
+     "- **Chat apps in the browser** may call the API directly with your key (cross-origin "
+     "requests are allowed on `/v1`).\n\nThe **Dashboard** shows the base URL; the models your "
+     "key may use are listed at `/v1/models`."),
     ("partial-calls", "What am I charged when a call fails or is cut short?",
      "| what happened | charged |\n|---|---|\n"
      "| the upstream succeeded and reported usage | exactly that usage |\n"
