@@ -34,6 +34,8 @@ text-generating ones (chat completions, responses, messages):
   input_tokens=N     report N input tokens in usage instead of counting them (a provider
                      whose usage is wrong)
   set_cookie=1       set a cookie on the reply, as a provider behind a CDN does (__cf_bm)
+  gzip=1             gzip the reply (a stream flushed event by event) although the request
+                     asked for identity, as a misconfigured proxy in front of a provider does
 
 Token counting is deliberately simple and deterministic. Input tokens = the
 characters of every string reached through the keys messages, system, input,
@@ -68,6 +70,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from http import HTTPStatus
 
 import gevent
@@ -90,6 +93,7 @@ _KNOBS = frozenset(
         "cached_tokens",
         "input_tokens",
         "set_cookie",
+        "gzip",
     )
 )
 _TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "content", "text")
@@ -257,6 +261,15 @@ def _plain(sc, sock, data):
     yield data
 
 
+def _gzip_stream(chunks):
+    """One gzip member over all chunks, each flushed as it goes, so a client decodes every
+    event when it arrives."""
+    z = zlib.compressobj(wbits=31)
+    for chunk in chunks:
+        yield z.compress(chunk) + z.flush(zlib.Z_SYNC_FLUSH)
+    yield z.flush()
+
+
 class _Call:
     """One provider request: parsed body, resolved scenario, and reply builders."""
 
@@ -278,6 +291,8 @@ class _Call:
         ]
         if self.sc.get("set_cookie"):
             headers.append(("Set-Cookie", f"__cf_bm={self.rid}; path=/; HttpOnly"))
+        if self.sc.get("gzip"):
+            headers.append(("Content-Encoding", "gzip"))
         return headers
 
     def error(self, status, message):
@@ -309,6 +324,8 @@ class _Call:
         if generation_ms and not sc.get("drip_ms"):
             gevent.sleep(generation_ms / 1000)
         data = b'{"id": not json at all' if "malformed_after" in sc else _dumps(obj)
+        if sc.get("gzip"):
+            data = zlib.compress(data, wbits=31)
         headers = self._base_headers("application/json")
         if not sc.get("drip_ms"):
             headers.append(("Content-Length", str(len(data))))
@@ -319,7 +336,8 @@ class _Call:
     def stream(self, head, deltas, tail, garbage):
         headers = self._base_headers("text/event-stream; charset=utf-8")
         headers.append(("Cache-Control", "no-cache"))
-        return "200 OK", headers, _paced(self.sc, self.sock, head, deltas, tail, garbage)
+        body = _paced(self.sc, self.sock, head, deltas, tail, garbage)
+        return "200 OK", headers, _gzip_stream(body) if self.sc.get("gzip") else body
 
 
 class _Tracked:

@@ -622,6 +622,38 @@ def test_a_retry_after_that_is_no_number_of_seconds_is_a_clean_429(relay, value,
     assert_consistent(acct.user_id)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_gzipped_against_the_request_reaches_the_client_plain(relay, upstream, stream):
+    """An upstream that gzips although the relay asked for identity: the client gets the plain
+    reply (it is sent no Content-Encoding) and the call is billed on the reported usage."""
+    _app, client, acct = relay
+    scenario(upstream, "gzip=1")
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": stream},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and "Content-Encoding" not in r.headers
+    words = "chunk 0 chunk 1 chunk 2 chunk 3 chunk 4"
+    if stream:
+        assert "".join(delta_texts(sse_events(r.data))) == words
+    else:
+        assert r.get_json()["choices"][0]["message"]["content"] == words
+    rec = only_record()
+    assert (rec.status, rec.usage_source) == ("ok", "upstream") and rec.charge_micros == recomputed(rec)
+    assert_consistent(acct.user_id)
+
+
+def test_a_reply_in_a_coding_the_relay_does_not_read_is_a_502_billed_nothing(relay):
+    """zstd (or br…) is refused before a byte reaches the client: 502, the call failed, 0 charged."""
+    _app, client, acct = relay
+    with raw_upstream(200, {"content-encoding": "zstd"}, body_bytes=100) as (base, _sent):
+        _only_channel(base)
+        r = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                        headers=bearer(acct))
+    assert r.status_code == 502 and "content coding" in r.get_json()["error"]["message"]
+    rec = only_record()
+    assert (rec.status, rec.charge_micros, rec.attempts) == ("failed", 0, 1)
+    assert_consistent(acct.user_id)
+
+
 def test_a_failed_attempts_large_reply_is_not_read_to_its_end(relay):
     """A 500 with a 50 MB body: each attempt reads at most a little of it and drops the
     connection, so an upstream's error cannot fill the worker's memory or time."""

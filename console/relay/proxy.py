@@ -81,9 +81,30 @@ def _candidates(call: Call):
     return found
 
 
+def _coding(resp: httpx.Response) -> str:
+    return resp.headers.get("content-encoding", "").strip().lower()
+
+
+def _check_coding(resp: httpx.Response, attempts: int, channel_id: int) -> None:
+    """The relay asks for identity, but an upstream behind a misconfigured proxy may compress
+    anyway. gzip and deflate are decoded (their ratio bounds what one read can expand to,
+    ~1,000 × 64 KiB); any other coding is refused before a byte reaches the client: the client
+    is sent no Content-Encoding, and the usage is read from these bytes."""
+    coding = _coding(resp)
+    if coding not in ("", "identity", "gzip", "deflate"):
+        resp.close()
+        raise UpstreamFailure(502, f"The upstream sent a reply in a content coding the relay does not read "
+                                   f"({coding[:40]}).", attempts, channel_id)
+
+
+def _body(resp: httpx.Response) -> Iterator[bytes]:
+    """The reply's bytes as they come, decoded by httpx if the upstream gzipped them."""
+    return resp.iter_raw() if _coding(resp) in ("", "identity") else resp.iter_bytes()
+
+
 def _read_all(resp: httpx.Response, deadline: float) -> bytes:
     parts, size = [], 0
-    for chunk in resp.iter_raw():
+    for chunk in _body(resp):
         size += len(chunk)
         if size > MAX_REPLY_BYTES:
             raise RelayError(502, "The upstream reply is too large.")
@@ -205,6 +226,7 @@ def _open(routes, call: Call, deadline: float) -> _Opened:
         return bodies[name]
 
     opened = open_call(routes, call.surface, body_for, call.client_headers, deadline)
+    _check_coding(opened.response, opened.attempts, opened.route.id)
     return _Opened(opened.route, opened.response, opened.attempts, body_for(opened.route)[1])
 
 
@@ -293,7 +315,7 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
             client_gone = True
             return
         try:
-            for chunk in resp.iter_raw():
+            for chunk in _body(resp):
                 events = meter.feed(chunk)
                 if events:
                     if ttfb is None:
