@@ -243,10 +243,6 @@ def _flask(env: dict, *args: str) -> str:
     return res.stdout
 
 
-def _cli_commands(env: dict) -> str:
-    return _flask(env, "--help")
-
-
 def _reset_postgres(url: str) -> None:
     from sqlalchemy import create_engine, text
 
@@ -257,19 +253,14 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
-def _seed_main(argv: list[str]) -> None:
-    """Runs in its own process with DATABASE_URL set: models, group, balance (no CLI exists for these),
-    and the channel and key when the CLI does not offer them yet. Prints JSON."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--upstream", required=True)
-    p.add_argument("--channel", action="store_true", help="create the channel through the service")
-    p.add_argument("--key", action="store_true", help="create the key through the service")
-    args = p.parse_args(argv)
+def _seed_main() -> None:
+    """Runs in its own process with DATABASE_URL set: models, group, balance (no CLI exists for
+    these). Prints JSON."""
 
     from sqlalchemy import select
 
     from app import app
-    from console import channels, groups, keys, ledger
+    from console import groups, ledger
     from console.extensions import db
     from console.models import User
 
@@ -290,13 +281,7 @@ def _seed_main(argv: list[str]) -> None:
         groups.set_default_group(user.id, group.id)
         # One million credits: the holds of thousands of concurrent calls never run short.
         ledger.adjust(user.id, 10**12, actor_id=admin.id, reason="benchmark balance")
-        out = {"user_id": user.id, "group": group.slug}
-        if args.channel:
-            channels.create_channel(name="bench-fake", type="openai", base_url=args.upstream + "/v1",
-                                    api_key="sk-bench-upstream", models=_channel_models(), groups="bench")
-        if args.key:
-            _, out["key"] = keys.create_key(user.id, "bench", group_id=group.id, allow_hidden_group=True)
-        print(json.dumps(out))
+        print(json.dumps({"user_id": user.id, "group": group.slug}))
 
 
 def _channel_models() -> str:
@@ -312,31 +297,17 @@ def prepare_relay_db(db_url: str, upstream: str, workdir: Path) -> tuple[dict, s
     _flask(env, "db", "upgrade")
     _flask(env, "create-user", "bench-admin@example.com", "--password", "bench-admin-password-1", "--role", "admin")
     _flask(env, "create-user", "bench@example.com", "--password", "bench-user-password-12")
-    commands = _cli_commands(env)
-    has_channel_cli, has_key_cli = "channel-add" in commands, "create-key" in commands
-    flags = [] if has_channel_cli else ["--channel"]
-    flags += [] if has_key_cli else ["--key"]
-    res = subprocess.run([sys.executable, "-m", "bench.relay_bench", "_seed", "--upstream", upstream, *flags],
+    res = subprocess.run([sys.executable, "-m", "bench.relay_bench", "_seed"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"seed failed: {res.stderr.strip()[-2000:]}")
-    seeded = json.loads(res.stdout.strip().splitlines()[-1])
-    if has_channel_cli:
-        _flask(env, "channel-add", "--name", "bench-fake", "--type", "openai", "--base-url", upstream + "/v1",
-               "--api-key", "sk-bench-upstream", "--models", _channel_models(), "--groups", "bench")
-    key = seeded.get("key")
-    if has_key_cli:
-        help_text = _flask(env, "create-key", "--help")
-        args = ["create-key", "bench@example.com"]
-        if "--group" in help_text:
-            args += ["--group", "bench"]
-        if "--name" in help_text:
-            args += ["--name", "bench"]
-        # The secret is printed alone on the last line (the first shows only its prefix).
-        lines = _flask(env, *args).strip().splitlines()
-        key = lines[-1].strip() if lines else ""
-        if not re.fullmatch(r"sk-\S+", key):
-            raise RuntimeError("create-key printed no key")
+    _flask(env, "channel-add", "--name", "bench-fake", "--type", "openai", "--base-url", upstream + "/v1",
+           "--api-key", "sk-bench-upstream", "--models", _channel_models(), "--groups", "bench")
+    # The secret is printed alone on the last line (the first shows only its prefix).
+    lines = _flask(env, "create-key", "bench@example.com", "--group", "bench", "--name", "bench").strip().splitlines()
+    key = lines[-1].strip() if lines else ""
+    if not re.fullmatch(r"sk-\S+", key):
+        raise RuntimeError("create-key printed no key")
     return env, key
 
 
@@ -658,7 +629,7 @@ def write_readme(table: str) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_seed"]:
-        return _seed_main(argv[1:])
+        return _seed_main()
     p = argparse.ArgumentParser(description="Relay benchmark: upstream, forwarder, relay on SQLite and PostgreSQL.")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--points", default=",".join(pt.name for pt in POINTS), help="comma list of point names")
