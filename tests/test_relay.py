@@ -458,6 +458,22 @@ def test_browser_apps_may_call_the_relay_from_any_origin_but_not_the_console(rel
     assert len(records()) == 2  # the two calls made with the key; the preflight is no call
 
 
+def test_a_background_response_is_refused_because_it_could_not_be_billed(relay, upstream):
+    """background=true makes the upstream answer "queued" and generate afterwards, unseen by
+    the relay: 400 before admission, nothing sent upstream, nothing held or billed."""
+    _app, client, acct = relay
+    fake_reset(upstream)
+    for stream in (False, True):
+        r = client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "background": True,
+                                               "stream": stream}, headers=bearer(acct))
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "unsupported_parameter"
+    assert fake_stats(upstream)["requests"] == 0
+    assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+    r = client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "background": False},
+                    headers=bearer(acct))
+    assert r.status_code == 200 and only_record().status == "ok"
+
+
 def test_depth_counts_containers_not_brackets_inside_strings(relay):
     """128 levels (the top-level object included) pass, and brackets in text are only text:
     a coding agent's request full of code is not refused as too deep."""

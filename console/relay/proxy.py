@@ -28,6 +28,7 @@ from console.relay.errors import RelayError
 from console.relay.metering import Admission, Outcome
 from console.relay.protocols import (
     MESSAGES,
+    RESPONSES,
     UNBELIEVABLE_USAGE,
     StreamMeter,
     Surface,
@@ -129,6 +130,11 @@ def _release_session() -> None:
 
 def relay_call(call: Call) -> Reply:
     """Admit, forward and bill one call (chat, responses, messages, embeddings)."""
+    if call.surface is RESPONSES and call.body.get("background") is True:
+        # The upstream would answer at once ("queued") and generate afterwards, on the
+        # channel's account: the relay bills a call when it ends and would never see that end.
+        raise RelayError(400, "Background responses are not supported here: send the request without "
+                              "'background' (streaming is supported).", code="unsupported_parameter")
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
