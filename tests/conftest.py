@@ -122,7 +122,9 @@ def fresh_postgres(url: str) -> None:
     tests/support/server.migrate() drops it first.
     """
     global _CREATE_ALL_FINGERPRINT
-    engine = _KEPT.get(url) or _KEPT.setdefault(url, create_engine(url, pool_size=1, pool_pre_ping=True))
+    engine = _KEPT.get(url)
+    if engine is None:
+        engine = _KEPT[url] = create_engine(url, pool_size=1, pool_pre_ping=True)
     if _CREATE_ALL_FINGERPRINT is not None:
         try:
             with engine.begin() as conn:
