@@ -8,7 +8,8 @@ observability endpoints under /_fake/.
 Run:  python -m bench.fake_upstream --port 0 --host 127.0.0.1 [--chunks N] [--delay-ms N] [--log]
 It prints "LISTENING <port>" on stdout once it accepts connections.
 
-Scenario knobs, written "k=v,k=v", merged in rising priority from the CLI defaults,
+Scenario knobs, written "k=v,k=v" (or "k=v;k=v", which fits in a channel's comma-separated
+model list), merged in rising priority from the CLI defaults,
 the model name suffix ("fake-model@chunks=20,delay_ms=30") and the x-fake-scenario
 request header (unknown knobs are a 400, so typos do not pass silently). status,
 fail_first and hang_before_ms apply to every /v1 endpoint; the others shape the
@@ -36,6 +37,13 @@ text-generating ones (chat completions, responses, messages):
   set_cookie=1       set a cookie on the reply, as a provider behind a CDN does (__cf_bm)
   gzip=1             gzip the reply (a stream flushed event by event) although the request
                      asked for identity, as a misconfigured proxy in front of a provider does
+  web_searches=N     run N server-side web searches before answering (Responses and
+                     Messages): N web_search_call output items, or N server_tool_use +
+                     web_search_tool_result block pairs with usage.server_tool_use; a stream
+                     sends them before the first delta
+  failed_searches=N  of those, the last N failed (a failed web_search_call; a
+                     web_search_tool_result whose content is an error), which providers do
+                     not bill
 
 Token counting is deliberately simple and deterministic. Input tokens = the
 characters of every string reached through the keys messages, system, input,
@@ -94,6 +102,8 @@ _KNOBS = frozenset(
         "input_tokens",
         "set_cookie",
         "gzip",
+        "web_searches",
+        "failed_searches",
     )
 )
 _TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "content", "text")
@@ -152,6 +162,30 @@ def _words(n):
     return [f"{' ' if i else ''}chunk {i}" for i in range(n)]
 
 
+def _searches(call):
+    """(query, failed) for each web search the scenario asks for."""
+    n = call.sc.get("web_searches", 0)
+    failed = min(call.sc.get("failed_searches", 0), n)
+    return [(f"query {i}", i >= n - failed) for i in range(n)]
+
+
+def _search_blocks(call):
+    """Anthropic: a server_tool_use block and its web_search_tool_result per search."""
+    blocks = []
+    for i, (query, failed) in enumerate(_searches(call)):
+        tool_id = f"srvtoolu_{call.rid}_{i}"
+        blocks.append({"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                       "input": {"query": query}})
+        content = (
+            {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+            if failed
+            else [{"type": "web_search_result", "url": f"https://example.com/{i}",
+                   "title": f"Result {i}", "encrypted_content": "ZmFrZQ==", "page_age": None}]
+        )
+        blocks.append({"type": "web_search_tool_result", "tool_use_id": tool_id, "content": content})
+    return blocks
+
+
 def _split(text, parts):
     size = len(text)
     return [text[size * i // parts : size * (i + 1) // parts] for i in range(parts)]
@@ -192,7 +226,7 @@ def _cache_prefix(body):
 
 def _parse_scenario(text):
     knobs = {}
-    for item in text.split(","):
+    for item in text.replace(";", ",").split(","):
         key, sep, value = item.strip().partition("=")
         if not key:
             continue
@@ -644,8 +678,14 @@ class FakeUpstream:
                 "metadata": body.get("metadata") or {},
             }
 
+        searches = [
+            {"id": f"ws_{call.rid}_{i}", "type": "web_search_call",
+             "status": "failed" if failed else "completed",
+             "action": {"type": "search", "query": query}}
+            for i, (query, failed) in enumerate(_searches(call))
+        ]
         if not body.get("stream"):
-            return call.reply(response("completed", [item], usage))
+            return call.reply(response("completed", [*searches, item], usage))
 
         sequence = itertools.count()
 
@@ -653,13 +693,25 @@ class FakeUpstream:
             # Evaluated lazily, so sequence numbers follow the order frames are sent in.
             return _sse(kind, {"type": kind, "sequence_number": next(sequence), **fields})
 
-        where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+        at = len(searches)  # the message's output index
+        where = {"item_id": msg_id, "output_index": at, "content_index": 0}
         head = [
             event("response.created", response=response("in_progress", [])),
             event("response.in_progress", response=response("in_progress", [])),
+        ]
+        for i, ws in enumerate(searches):
+            ids = {"output_index": i, "item_id": ws["id"]}
+            head += [
+                event("response.output_item.added", output_index=i, item=dict(ws, status="in_progress")),
+                event("response.web_search_call.in_progress", **ids),
+                event("response.web_search_call.searching", **ids),
+                event("response.web_search_call.completed", **ids),
+                event("response.output_item.done", output_index=i, item=ws),
+            ]
+        head += [
             event(
                 "response.output_item.added",
-                output_index=0,
+                output_index=at,
                 item=dict(item, status="in_progress", content=[]),
             ),
             event("response.content_part.added", **where, part=dict(part, text="")),
@@ -671,8 +723,8 @@ class FakeUpstream:
         def tail():
             yield event("response.output_text.done", **where, text=text, logprobs=[])
             yield event("response.content_part.done", **where, part=part)
-            yield event("response.output_item.done", output_index=0, item=item)
-            yield event("response.completed", response=response("completed", [item], usage))
+            yield event("response.output_item.done", output_index=at, item=item)
+            yield event("response.completed", response=response("completed", [*searches, item], usage))
 
         garbage = b"event: response.output_text.delta\ndata: {not json at all\n\n"
         return call.stream(head, deltas, tail(), garbage)
@@ -752,30 +804,48 @@ class FakeUpstream:
         else:
             pieces = _words(chunks)
             block = {"type": "text", "text": "".join(pieces)}
+        searches = _search_blocks(call)
+        ran = sum(isinstance(b.get("content"), list) for b in searches)
+        at = len(searches)  # the answer's block index
         message = {
             "id": "msg_" + call.rid,
             "type": "message",
             "role": "assistant",
             "model": call.model,
-            "content": [block],
+            "content": [*searches, block],
             "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None,
         }
         if not body.get("stream"):
             if usage:
                 message["usage"] = dict(usage, output_tokens=len(pieces))
+                if searches:
+                    message["usage"]["server_tool_use"] = {"web_search_requests": ran}
             return call.reply(message)
 
         start = dict(message, content=[], stop_reason=None)
         if usage:
             start["usage"] = dict(usage, output_tokens=1)
-        head = [
-            _sse("message_start", {"type": "message_start", "message": start}),
+        head = [_sse("message_start", {"type": "message_start", "message": start})]
+        for i, b in enumerate(searches):
+            def frame(kind, **fields):
+                return _sse(kind, {"type": kind, "index": i, **fields})
+
+            if b["type"] == "server_tool_use":
+                head += [
+                    frame("content_block_start", content_block=dict(b, input={})),
+                    frame("content_block_delta",
+                          delta={"type": "input_json_delta", "partial_json": json.dumps(b["input"])}),
+                ]
+            else:
+                head.append(frame("content_block_start", content_block=b))
+            head.append(frame("content_block_stop"))
+        head += [
             _sse(
                 "content_block_start",
                 {
                     "type": "content_block_start",
-                    "index": 0,
+                    "index": at,
                     "content_block": dict(block, input={})
                     if tool
                     else {"type": "text", "text": ""},
@@ -790,7 +860,7 @@ class FakeUpstream:
                 "content_block_delta",
                 {
                     "type": "content_block_delta",
-                    "index": 0,
+                    "index": at,
                     "delta": {"type": delta, field: p},
                 },
             )
@@ -802,8 +872,10 @@ class FakeUpstream:
         }
         if usage:
             stop["usage"] = {"output_tokens": len(pieces)}
+            if searches:
+                stop["usage"]["server_tool_use"] = {"web_search_requests": ran}
         tail = [
-            _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _sse("content_block_stop", {"type": "content_block_stop", "index": at}),
             _sse("message_delta", stop),
             _sse("message_stop", {"type": "message_stop"}),
         ]

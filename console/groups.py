@@ -132,13 +132,31 @@ def _classes(model: ModelPrice) -> list[tuple[str, str]]:
     out = [("input", "input"), ("output", "output")]
     if model.provider == "anthropic":
         out += [("cache_write_5m", "cache write 5m"), ("cache_write_1h", "cache write 1h")]
-    return out + [("cache_read", "cache read")]
+    out.append(("cache_read", "cache read"))
+    if model.web_search_price:
+        out.append(("web_search", WEB_SEARCH_LABEL))
+    return out
+
+
+SEARCHES_MAX = 10_000  # the calculator's web searches per call
+# Providers list search fees per 1,000 searches: the page does too.
+WEB_SEARCH_LABEL = "web search / 1k"
+SEARCHES_SHOWN = 1000
+
+
+def _official(prices: pricing.Prices, cls: str) -> int:
+    """Micro-USD per 1M tokens, per call, or per SEARCHES_SHOWN searches."""
+    return prices.web_search * SEARCHES_SHOWN if cls == "web_search" else getattr(prices, cls)
 
 
 def _effective(prices: pricing.Prices, cls: str, ppm: int) -> int:
-    """The charge for 1M tokens of one class (or one call), by the billing function itself."""
+    """The charge for 1M tokens of one class (one call, SEARCHES_SHOWN searches), by the
+    billing function itself."""
     if cls == "per_call":
         return pricing.quote(pricing.Tokens(), pricing.Prices(per_call=prices.per_call), ppm).charge_micros
+    if cls == "web_search":
+        return pricing.quote(pricing.Tokens(web_searches=SEARCHES_SHOWN),
+                             pricing.Prices(web_search=prices.web_search), ppm).charge_micros
     return pricing.price_per_million_credits(getattr(prices, cls), ppm)
 
 
@@ -149,9 +167,9 @@ def pricing_table() -> tuple[list[Group], list[PriceRow]]:
     for model in enabled_models():
         prices = pricing.Prices.of(model)
         classes = _classes(model)
-        official = tuple((label, getattr(prices, cls)) for cls, label in classes)
+        official = tuple((label, _official(prices, cls)) for cls, label in classes)
         by_group = {
-            g.id: tuple(PriceCell(label, getattr(prices, cls), _effective(prices, cls, g.multiplier_ppm))
+            g.id: tuple(PriceCell(label, _official(prices, cls), _effective(prices, cls, g.multiplier_ppm))
                         for cls, label in classes)
             for g in groups if model.id in served[g.id]
         }
@@ -159,12 +177,12 @@ def pricing_table() -> tuple[list[Group], list[PriceRow]]:
     return groups, rows
 
 
-def _tokens(raw: object, field: str, errors: dict[str, str]) -> int:
+def _count(raw: object, field: str, errors: dict[str, str], *, most: int = TOKENS_MAX, of: str = "tokens") -> int:
     text = raw.strip() if isinstance(raw, str) else ""
     if not text:
         return 0
-    if not re.fullmatch(r"[0-9]{1,10}", text) or int(text) > TOKENS_MAX:
-        errors[field] = f"Enter a whole number of tokens up to {TOKENS_MAX:,}."
+    if not re.fullmatch(r"[0-9]{1,10}", text) or int(text) > most:
+        errors[field] = f"Enter a whole number of {of} up to {most:,}."
         return 0
     return int(text)
 
@@ -187,7 +205,9 @@ def calculate(model_name: object, group_slug: object, tokens: dict[str, object])
     group = by_slug(group_slug) if isinstance(group_slug, str) else None
     if group is None:
         errors["group"] = "Pick one of the listed groups."
-    counts = {c: _tokens(tokens.get(c), c, errors) for c in pricing.TOKEN_CLASSES}
+    counts = {c: _count(tokens.get(c), c, errors) for c in pricing.TOKEN_CLASSES}
+    counts["web_searches"] = _count(tokens.get("web_searches"), "web_searches", errors,
+                                    most=SEARCHES_MAX, of="searches")
     if model is not None and group is not None and model.id not in {m.id for m in group.models}:
         errors["group"] = f"{group.name} does not serve {model.name}."
     if errors:
@@ -308,8 +328,8 @@ def get_model(model_id: int) -> ModelPrice:
     return model
 
 
-_PRICE_FIELDS = ("input_price", "output_price", "cache_write_5m_price", "cache_write_1h_price",
-                 "cache_read_price", "per_call_price")
+PRICE_FIELDS = ("input_price", "output_price", "cache_write_5m_price", "cache_write_1h_price",
+                 "cache_read_price", "per_call_price", "web_search_price")
 
 
 def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice:
@@ -328,6 +348,7 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         "cache_write_1h_price": _usd(form.get("cache_write_1h_price"), "cache_write_1h_price", errors, optional=True),
         "cache_read_price": _usd(form.get("cache_read_price"), "cache_read_price", errors, optional=True),
         "per_call_price": _usd(form.get("per_call_price"), "per_call_price", errors, optional=True),
+        "web_search_price": _usd(form.get("web_search_price"), "web_search_price", errors, optional=True),
         "max_output_tokens": _int(form.get("max_output_tokens"), "max_output_tokens", errors, 1, 10_000_000),
         "context_window": _int(form.get("context_window"), "context_window", errors, 1, 100_000_000),
         "sort_order": _int(form.get("sort_order") or "0", "sort_order", errors, -100_000, 100_000),
@@ -340,12 +361,12 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         raise CatalogInputError(errors)
     with write_tx():
         model = ModelPrice() if model_id is None else get_model(model_id)
-        before = None if model_id is None else {f: getattr(model, f) for f in ("name", *_PRICE_FIELDS)}
+        before = None if model_id is None else {f: getattr(model, f) for f in ("name", *PRICE_FIELDS)}
         for field, value in values.items():
             setattr(model, field, value)
         if model_id is None:
             db.session.add(model)
         db.session.flush()
         audit.record("catalog.model_saved", actor_id=actor_id, target_type="model", target_id=model.id,
-                     before=before, after={f: getattr(model, f) for f in ("name", *_PRICE_FIELDS)})
+                     before=before, after={f: getattr(model, f) for f in ("name", *PRICE_FIELDS)})
     return model

@@ -180,6 +180,9 @@ class ModelPrice(db.Model):
     cache_write_1h_price: Mapped[int | None] = mapped_column(Money, nullable=True)
     cache_read_price: Mapped[int | None] = mapped_column(Money, nullable=True)
     per_call_price: Mapped[int | None] = mapped_column(Money, nullable=True)
+    # A server tool's fee: micro-USD per web search the provider runs for a call (Anthropic's
+    # web_search tool, OpenAI's hosted web search), billed on top of the tokens.
+    web_search_price: Mapped[int | None] = mapped_column(Money, nullable=True)
     max_output_tokens: Mapped[int] = mapped_column(Integer, default=8192)
     context_window: Mapped[int] = mapped_column(Integer, default=128000)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -303,6 +306,7 @@ class UsageRecord(db.Model):
     cache_write_5m_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    web_searches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Unit prices (micro-USD per 1M tokens / per call) and multiplier used, so anyone can
     # recompute the charge from the row alone.
     input_price: Mapped[int] = mapped_column(Money, default=0)
@@ -311,6 +315,7 @@ class UsageRecord(db.Model):
     cache_write_1h_price: Mapped[int] = mapped_column(Money, default=0)
     cache_read_price: Mapped[int] = mapped_column(Money, default=0)
     per_call_price: Mapped[int] = mapped_column(Money, default=0)
+    web_search_price: Mapped[int] = mapped_column(Money, default=0, server_default="0")
     multiplier_ppm: Mapped[int] = mapped_column(BigInteger)
     official_cost_pico: Mapped[int] = mapped_column(Money, default=0)
     charge_micros: Mapped[int] = mapped_column(Money, default=0)

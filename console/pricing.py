@@ -19,7 +19,8 @@ CLASS_LABELS = {
 
 @dataclass(frozen=True)
 class Prices:
-    """Unit prices in micro-USD per 1M tokens (per_call: micro-USD per call)."""
+    """Unit prices in micro-USD per 1M tokens (per_call: micro-USD per call; web_search:
+    micro-USD per search the provider ran for the call, a server tool's fee per use)."""
 
     input: int = 0
     output: int = 0
@@ -27,6 +28,7 @@ class Prices:
     cache_write_1h: int = 0
     cache_read: int = 0
     per_call: int = 0
+    web_search: int = 0
 
     @classmethod
     def of(cls, model) -> "Prices":
@@ -38,27 +40,32 @@ class Prices:
             cache_write_1h=model.cache_write_1h_price if model.cache_write_1h_price is not None else model.input_price,
             cache_read=model.cache_read_price if model.cache_read_price is not None else model.input_price,
             per_call=model.per_call_price or 0,
+            web_search=model.web_search_price or 0,
         )
 
     @classmethod
     def of_record(cls, rec) -> "Prices":
         """The prices a usage record was billed with."""
         return cls(rec.input_price, rec.output_price, rec.cache_write_5m_price,
-                   rec.cache_write_1h_price, rec.cache_read_price, rec.per_call_price)
+                   rec.cache_write_1h_price, rec.cache_read_price, rec.per_call_price,
+                   rec.web_search_price)
 
 
 @dataclass(frozen=True)
 class Tokens:
+    """A call's usage: tokens per class, and the web searches the provider ran for it."""
+
     input: int = 0
     output: int = 0
     cache_write_5m: int = 0
     cache_write_1h: int = 0
     cache_read: int = 0
+    web_searches: int = 0
 
     @classmethod
     def of_record(cls, rec) -> "Tokens":
         return cls(rec.input_tokens, rec.output_tokens, rec.cache_write_5m_tokens,
-                   rec.cache_write_1h_tokens, rec.cache_read_tokens)
+                   rec.cache_write_1h_tokens, rec.cache_read_tokens, rec.web_searches)
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,21 @@ class Quote:
     charge_micros: int
     terms: tuple[tuple[str, int, int], ...] = field(default=())  # (class, tokens, price)
 
+    @property
+    def searches(self) -> bool:
+        """Web searches are part of the charge (run, and priced)."""
+        return bool(self.tokens.web_searches and self.prices.web_search)
+
     def formula(self, symbol: str = "") -> str:
         """'(1,234 × $3.00 + 567 × $15.00) / 1M = $0.011739 official × 0.3 = 0.003522 credits'."""
         parts = [f"{n:,} × {format_usd_micros(p)}" for _c, n, p in self.terms]
-        if parts:
-            head = "(" + " + ".join(parts) + ") / 1M"
-            if self.prices.per_call:
-                head += f" + {format_usd_micros(self.prices.per_call)} per call"
-        else:
-            head = f"{format_usd_micros(self.prices.per_call)} per call"
+        extra = []
+        if self.prices.per_call or not (parts or self.searches):
+            extra.append(f"{format_usd_micros(self.prices.per_call)} per call")
+        if self.searches:
+            n = self.tokens.web_searches
+            extra.append(f"{n:,} search{'es' if n != 1 else ''} × {format_usd_micros(self.prices.web_search)}")
+        head = " + ".join(([f"({' + '.join(parts)}) / 1M"] if parts else []) + extra)
         mult = format_multiplier(self.multiplier_ppm).removesuffix("x")
         return (f"{head} = {format_usd_pico(self.official_pico)} official × {mult} = "
                 f"{symbol}{format_fixed(self.charge_micros)} credits")
@@ -91,19 +104,22 @@ def quote(tokens: Tokens, prices: Prices, multiplier_ppm: int) -> Quote:
         for c in TOKEN_CLASSES
         if getattr(tokens, c)
     )
-    for _c, n, _p in terms:
-        if n < 0:
-            raise ValueError("token counts are never negative")
-    official = sum(n * p for _c, n, p in terms) + prices.per_call * 10**6
+    if tokens.web_searches < 0 or any(n < 0 for _c, n, _p in terms):
+        raise ValueError("token counts are never negative")
+    official = (sum(n * p for _c, n, p in terms) + prices.per_call * 10**6
+                + tokens.web_searches * prices.web_search * 10**6)
     return Quote(tokens, prices, multiplier_ppm, official, charge_micros(official, multiplier_ppm), terms)
 
 
-def max_charge(prices: Prices, multiplier_ppm: int, input_tokens_max: int, output_tokens_max: int) -> int:
+def max_charge(prices: Prices, multiplier_ppm: int, input_tokens_max: int, output_tokens_max: int,
+               web_searches_max: int = 0) -> int:
     """Upper bound of a call's charge, for the admission hold: every input token is priced at
     the dearest input class (a cache write costs more than plain input)."""
     dearest_input = max(prices.input, prices.cache_write_5m, prices.cache_write_1h, prices.cache_read)
-    bound = Prices(input=dearest_input, output=prices.output, per_call=prices.per_call)
-    return quote(Tokens(input=input_tokens_max, output=output_tokens_max), bound, multiplier_ppm).charge_micros
+    bound = Prices(input=dearest_input, output=prices.output, per_call=prices.per_call,
+                   web_search=prices.web_search)
+    usage = Tokens(input=input_tokens_max, output=output_tokens_max, web_searches=web_searches_max)
+    return quote(usage, bound, multiplier_ppm).charge_micros
 
 
 def price_per_million_credits(price_micro_usd: int, multiplier_ppm: int) -> int:

@@ -22,6 +22,11 @@ MODELS = [
     ("claude-haiku-4-5", "anthropic", "chat", "1.00", "5.00", "1.25", "2.00", "0.10", 64000, 200000),
 ]
 
+# Server-side web search fees, USD per search: Anthropic's web_search tool and OpenAI's hosted
+# web search tool both list $10 per 1,000 (OpenAI's older web_search_preview on non-reasoning
+# models lists $25: set that per model in Admin → catalog if you sell it).
+WEB_SEARCH_USD = {name: "0.01" for name, _provider, kind, *_rest in MODELS if kind == "chat"}
+
 # slug, name, description, multiplier, badge, concurrency, rpm, models (None = all), order
 GROUPS = [
     ("recommended", "Recommended 0.3x",
@@ -77,9 +82,16 @@ FAQ = [
      "| what happened | charged |\n|---|---|\n"
      "| the upstream succeeded and reported usage | exactly that usage |\n"
      "| the upstream failed before any output reached you (after retries) | nothing; the record is kept as failed |\n"
-     "| you disconnected mid-stream | input tokens (exact if the upstream already reported them, else estimated) + output delivered so far (estimated); marked *estimated* |\n"
+     "| you disconnected mid-stream | input tokens (exact if the upstream already reported them, else estimated) + output delivered so far (estimated) + web searches whose results reached you; marked *estimated* |\n"
      "| the upstream reported no usage (or an impossible amount) | estimated from the request and the text delivered; marked *estimated* |\n"
      "| our worker crashed mid-call | settled after the deadline by the same rules; marked |\n\n"
      "While a call runs, its maximum possible cost is *held* (shown as held in your wallet) and "
      "released when it ends, so concurrent calls can never spend money you do not have."),
+    ("web-search-fees", "Are web searches billed?",
+     "Yes. When a model searches the web for your call (Claude's `web_search` tool, which Claude "
+     "Code's WebSearch uses, or OpenAI's hosted web search in the Responses API), the provider "
+     "charges a fee per search on top of the tokens, and so do we, at the official price × your "
+     "group's multiplier. The **Pricing** page lists it per 1,000 searches; a usage record shows "
+     "its searches in the formula. Failed searches are free.\n\nWhile the call runs, every search "
+     "its tools allow is held: the tool's `max_uses`, or 10 when it sets none."),
 ]

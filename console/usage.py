@@ -329,13 +329,13 @@ def record_row(user_id: int, record_id: int) -> tuple[UsageRecord, Choices]:
 
 CSV_HEADER = ("time_utc", "request_id", "key", "key_prefix", "model", "group", "multiplier",
               "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens",
-              "official_usd", "credits", "status", "usage_source", "stream", "latency_ms",
+              "web_searches", "official_usd", "credits", "status", "usage_source", "stream", "latency_ms",
               "ttfb_ms")
 _CSV_COLUMNS = (
     UsageRecord.id, UsageRecord.created_at, UsageRecord.request_id, UsageRecord.key_id,
     UsageRecord.model, UsageRecord.group_id, UsageRecord.multiplier_ppm,
     UsageRecord.input_tokens, UsageRecord.output_tokens, UsageRecord.cache_write_5m_tokens,
-    UsageRecord.cache_write_1h_tokens, UsageRecord.cache_read_tokens,
+    UsageRecord.cache_write_1h_tokens, UsageRecord.cache_read_tokens, UsageRecord.web_searches,
     UsageRecord.official_cost_pico, UsageRecord.charge_micros, UsageRecord.status,
     UsageRecord.usage_source, UsageRecord.stream, UsageRecord.latency_ms, UsageRecord.ttfb_ms,
 )
@@ -359,7 +359,7 @@ def export_rows(user_id: int, flt: UsageFilter, *, now: datetime | None = None,
     stmt = (select(*_CSV_COLUMNS).where(*_conditions(user_id, flt, now))
             .order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc())
             .execution_options(yield_per=batch))
-    n = tin = tout = tcw = tcr = pico = micros = 0
+    n = tin = tout = tcw = tcr = searches = pico = micros = 0
     for r in db.session.execute(stmt):
         key = keys.get(r.key_id) if r.key_id else None
         group = groups.get(r.group_id) if r.group_id else None
@@ -369,17 +369,18 @@ def export_rows(user_id: int, flt: UsageFilter, *, now: datetime | None = None,
         tout += r.output_tokens
         tcw += cache_write
         tcr += r.cache_read_tokens
+        searches += r.web_searches
         pico += r.official_cost_pico
         micros += r.charge_micros
         yield (r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.request_id,
                key.name if key else "", key.display_prefix if key else "", r.model,
                group.name if group else "", _plain(format_fixed(r.multiplier_ppm, min_places=0)),
-               r.input_tokens, r.output_tokens, cache_write, r.cache_read_tokens,
+               r.input_tokens, r.output_tokens, cache_write, r.cache_read_tokens, r.web_searches,
                _plain(format_fixed(r.official_cost_pico, places=12, min_places=6)),
                _plain(format_fixed(r.charge_micros)), r.status, r.usage_source,
                "yes" if r.stream else "no",
                "" if r.latency_ms is None else r.latency_ms, "" if r.ttfb_ms is None else r.ttfb_ms)
-    yield ("TOTAL", f"{n} calls", "", "", "", "", "", tin, tout, tcw, tcr,
+    yield ("TOTAL", f"{n} calls", "", "", "", "", "", tin, tout, tcw, tcr, searches,
            _plain(format_fixed(pico, places=12, min_places=6)), _plain(format_fixed(micros)),
            "", "", "", "", "")
 

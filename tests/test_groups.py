@@ -155,14 +155,17 @@ def test_admin_creates_and_edits_groups_and_prices(ctx, client):
     model = db.session.scalar(select(ModelPrice).where(ModelPrice.name == "gpt-5"))
     page = client.get(f"/admin/catalog/models/{model.id}")
     assert page.status_code == 200 and 'value="1.25"' in page.data.decode()
+    assert 'name="web_search_price" value="0.01"' in page.data.decode()  # the seed's $10 / 1k
     mform = {"csrf_token": token, "name": "gpt-5", "provider": "openai", "kind": "chat", "input_price": "1.5",
-             "output_price": "12", "cache_read_price": "0.15", "max_output_tokens": "128000",
-             "context_window": "400000", "sort_order": "0", "enabled": "on"}
+             "output_price": "12", "cache_read_price": "0.15", "web_search_price": "0.025",
+             "max_output_tokens": "128000", "context_window": "400000", "sort_order": "0", "enabled": "on"}
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "input_price": "1e3"}).status_code == 422
+    assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "web_search_price": "-1"}).status_code == 422
     assert client.post(f"/admin/catalog/models/{model.id}", data=mform).status_code == 302
     db.session.expire_all()
     model = db.session.get(ModelPrice, model.id)
     assert (model.input_price, model.output_price, model.cache_read_price) == (1_500_000, 12_000_000, 150_000)
+    assert model.web_search_price == 25_000
     actions = list(db.session.scalars(select(AuditLog.action).where(AuditLog.action.like("catalog.%"))))
     assert actions.count("catalog.group_saved") == 1 and actions.count("catalog.model_saved") == 1
     assert client.get("/admin/catalog/groups/99999").status_code == 404

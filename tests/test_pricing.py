@@ -52,7 +52,7 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
     """Each effective price cell equals pricing.price_per_million_credits of that class and group."""
     html = client.get("/pricing").data.decode()
     table_groups, rows = groups.pricing_table()
-    checked = 0
+    checked = searches = 0
     for row in rows:
         chunk = html.split(f'id="price-row-{row.model.id}"')[1].split("</tr>")[0]
         prices = pricing.Prices.of(row.model)
@@ -62,6 +62,12 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
                 assert not cells
                 continue
             for label, shown in cells:
+                if label == "web search / 1k":  # per 1,000 searches, not per 1M tokens
+                    quoted = pricing.quote(pricing.Tokens(web_searches=1000), prices, g.multiplier_ppm)
+                    assert quoted.official_pico == prices.web_search * 1000 * 10**6 > 0
+                    assert _micros(shown) == quoted.charge_micros, (row.model.name, g.slug, label)
+                    searches += 1
+                    continue
                 cls = {"input": "input", "output": "output", "cache write 5m": "cache_write_5m",
                        "cache write 1h": "cache_write_1h", "cache read": "cache_read"}[label]
                 expected = pricing.price_per_million_credits(getattr(prices, cls), g.multiplier_ppm)
@@ -69,7 +75,7 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
                 quoted = pricing.quote(pricing.Tokens(**{cls: 1_000_000}), prices, g.multiplier_ppm)
                 assert quoted.charge_micros == expected
                 checked += 1
-    assert checked > 50
+    assert checked > 50 and searches > 10
 
 
 def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
@@ -88,6 +94,21 @@ def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
     assert "1,234 × $3.00 + 567 × $15.00" in formula
 
 
+def test_calculator_prices_web_searches_on_top_of_tokens(seeded, client):
+    """Three searches of claude-sonnet-4-5 at $10 / 1k add $0.03 official, 0.009 credits at 0.3x,
+    and the formula names them."""
+    q = {"model": "claude-sonnet-4-5", "group": "recommended", "input": "1234", "output": "567",
+         "web_searches": "3"}
+    frag = client.get("/pricing", query_string=q, headers=HX).data.decode()
+    assert _micros(CHARGE.search(frag).group(1)) == 3_662 + 9_000
+    formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', frag).group(1))
+    assert formula.startswith("(1,234 × $3.00 + 567 × $15.00) / 1M + 3 searches × $0.01 = $0.042")
+    only = client.get("/pricing", query_string={**q, "input": "", "output": ""}, headers=HX).data.decode()
+    assert _micros(CHARGE.search(only).group(1)) == 9_000
+    formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', only).group(1))
+    assert formula == "3 searches × $0.01 = $0.030000 official × 0.3 = ¥0.009 credits"
+
+
 @pytest.mark.parametrize("query,field", [
     ({"model": "nope", "group": "recommended"}, b"Pick one of the listed models"),
     ({"model": "gpt-5", "group": "hidden-or-missing"}, b"Pick one of the listed groups"),
@@ -96,6 +117,8 @@ def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
     ({"model": "gpt-5", "group": "recommended", "output": "1e9"}, b"whole number of tokens"),
     ({"model": "gpt-5", "group": "recommended", "input": "\u0663"}, b"whole number of tokens"),
     ({"model": "gpt-5", "group": "recommended", "input": "99999999999"}, b"whole number of tokens"),
+    ({"model": "gpt-5", "group": "recommended", "web_searches": "10001"}, b"whole number of searches"),
+    ({"model": "gpt-5", "group": "recommended", "web_searches": "2.5"}, b"whole number of searches"),
 ])
 def test_calculator_rejects_bad_input_with_422(seeded, client, query, field):
     """Unknown model or group, a model the group lacks, or a non-digit token count: 422 with the form."""
@@ -113,10 +136,11 @@ def test_calculator_rejects_bad_input_with_422(seeded, client, query, field):
     output_tokens=st.integers(0, 200_000),
     cache_read=st.integers(0, 1_000_000),
     cache_write=st.integers(0, 500_000),
+    searches=st.integers(0, 60),
     model_name=st.sampled_from(["claude-opus-4-1", "gpt-5", "claude-haiku-4-5", "gpt-4o-mini"]),
 )
 def test_calculator_equals_quote_and_ledger_billing(seeded, client, multiplier, input_tokens, output_tokens,
-                                                    cache_read, cache_write, model_name):
+                                                    cache_read, cache_write, searches, model_name):
     """For random tokens and multipliers: calculator = pricing.quote = what hold/settle takes from a wallet."""
     if not db.session.scalar(select(User.id)):
         make_user("billing@example.com")
@@ -129,11 +153,11 @@ def test_calculator_equals_quote_and_ledger_billing(seeded, client, multiplier, 
     ppm = money.parse_multiplier(text)
     model = db.session.scalar(select(ModelPrice).where(ModelPrice.name == model_name))
     tokens = pricing.Tokens(input=input_tokens, output=output_tokens, cache_read=cache_read,
-                            cache_write_5m=cache_write)
+                            cache_write_5m=cache_write, web_searches=searches)
     expected = pricing.quote(tokens, pricing.Prices.of(model), ppm)
 
     resp = _calc(client, model_name, "dedicated", input=str(input_tokens), output=str(output_tokens),
-                 cache_read=str(cache_read), cache_write_5m=str(cache_write))
+                 cache_read=str(cache_read), cache_write_5m=str(cache_write), web_searches=str(searches))
     assert resp.status_code == 200
     shown = _micros(CHARGE.search(resp.data.decode()).group(1))
     assert shown == expected.charge_micros
@@ -142,7 +166,9 @@ def test_calculator_equals_quote_and_ledger_billing(seeded, client, multiplier, 
     assert shown == int(exact)
 
     # Billing as the relay does it: hold the upper bound, then settle with the quoted charge.
-    bound = pricing.max_charge(pricing.Prices.of(model), ppm, input_tokens + cache_read + cache_write, output_tokens)
+    bound = pricing.max_charge(pricing.Prices.of(model), ppm, input_tokens + cache_read + cache_write, output_tokens,
+                               searches)
+    assert bound >= expected.charge_micros
     ledger.credit(uid, bound + 1, kind="admin_adjust", reason="property test top-up")
     before = ledger.wallet_of(uid).balance_micros
     if bound:

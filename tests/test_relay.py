@@ -10,6 +10,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,7 +21,7 @@ from bench.fake_upstream import HUGE_EVENT
 from console import channels, keys, ledger
 from console.database import write_tx
 from console.extensions import db
-from console.models import ApiKey, Channel, UsageRecord, User, utcnow
+from console.models import ApiKey, Channel, ModelPrice, UsageRecord, User, utcnow
 from console.pricing import Prices, Tokens, quote
 from console.relay import proxy
 from console.relay.metering import estimate, reconcile
@@ -850,6 +851,128 @@ def test_usage_beyond_what_a_record_holds_is_estimated_not_charged(relay, upstre
     assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
     assert before - wallet(acct.user_id).balance_micros == rec.charge_micros
     assert_consistent(acct.user_id)
+
+
+ANTHROPIC_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+SEARCH_CALLS = {
+    "messages": ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": HI,
+                                  "tools": [ANTHROPIC_SEARCH]}),
+    "responses": ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search"}]}),
+}
+SEARCH_PRICE = 10_000  # micro-USD per search: $10 / 1k (tests/support/upstream.WEB_SEARCH_USD)
+
+
+def search_call(client, acct, surface: str, stream: bool):
+    path, body = SEARCH_CALLS[surface]
+    return client.post(path, json={**body, "stream": stream},
+                       headers={"x-api-key": acct.key, "anthropic-version": "2023-06-01"})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("surface", ["messages", "responses"])
+def test_web_searches_are_billed_per_search_on_top_of_tokens(relay, upstream, surface, stream):
+    """Three searches of which one failed: the two that ran are billed at the model's price
+    per search (Anthropic usage.server_tool_use; Responses web_search_call items), on top of
+    the tokens, and the record holds the count and the price it was billed at."""
+    _app, client, acct = relay
+    scenario(upstream, "web_searches=3;failed_searches=1")
+    before = wallet(acct.user_id).balance_micros
+    r = search_call(client, acct, surface, stream)
+    assert r.status_code == 200, r.data[:300]
+    shown = sse_events(r.data) if stream else [r.get_json()]
+    assert b"web_search" in r.data and shown
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.output_tokens) == ("ok", "upstream", 5)
+    assert (rec.web_searches, rec.web_search_price) == (2, SEARCH_PRICE)
+    tokens_only = quote(replace(Tokens.of_record(rec), web_searches=0), Prices.of_record(rec), rec.multiplier_ppm)
+    assert rec.official_cost_pico == tokens_only.official_pico + 2 * SEARCH_PRICE * 10**6
+    assert rec.charge_micros == recomputed(rec) >= tokens_only.charge_micros + 2 * SEARCH_PRICE * 3 // 10
+    # The hold covered every search the request allowed: max_uses 5, or 10 for OpenAI's tool.
+    allowed = 5 if surface == "messages" else 10
+    assert rec.hold_micros >= allowed * SEARCH_PRICE * 3 // 10 + tokens_only.charge_micros
+    assert before - wallet(acct.user_id).balance_micros == rec.charge_micros
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("surface", ["messages", "responses"])
+def test_a_stream_cut_after_its_searches_bills_the_searches_delivered(relay, upstream, surface):
+    """The upstream breaks after three searches (one failed) and one delta reached the client:
+    partial, estimated, and the two searches that ran are billed with it."""
+    _app, client, acct = relay
+    scenario(upstream, "web_searches=3;failed_searches=1;reset_after=1")
+    r = search_call(client, acct, surface, True)
+    assert r.status_code == 200
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.web_searches) == ("partial", "estimated", 2)
+    assert rec.charge_micros == recomputed(rec) > 2 * SEARCH_PRICE * 3 // 10
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("surface", ["messages", "responses"])
+def test_a_reply_without_usage_still_bills_the_searches_it_shows(relay, upstream, surface):
+    """no_usage=1: tokens are estimated, and the searches are counted from the reply's
+    web_search_call items or web_search_tool_result blocks (a failed one is not)."""
+    _app, client, acct = relay
+    scenario(upstream, "web_searches=3;failed_searches=2;no_usage=1")
+    r = search_call(client, acct, surface, False)
+    assert r.status_code == 200
+    rec = only_record()
+    assert (rec.status, rec.usage_source, rec.web_searches) == ("ok", "estimated", 1)
+    assert rec.charge_micros == recomputed(rec)
+    assert_consistent(acct.user_id)
+
+
+def test_searches_are_free_where_the_catalog_sets_no_price(relay, upstream):
+    """A model without a search price bills the searches' count at $0, holds nothing for them."""
+    _app, client, acct = relay
+    with write_tx():
+        db.session.execute(update(ModelPrice).values(web_search_price=None))
+    scenario(upstream, "web_searches=2")
+    r = search_call(client, acct, "messages", False)
+    assert r.status_code == 200
+    rec = only_record()
+    assert (rec.web_searches, rec.web_search_price) == (2, 0)
+    assert rec.official_cost_pico == quote(replace(Tokens.of_record(rec), web_searches=0),
+                                           Prices.of_record(rec), rec.multiplier_ppm).official_pico
+    assert rec.hold_micros < 5 * SEARCH_PRICE * 3 // 10
+    assert_consistent(acct.user_id)
+
+
+def test_the_search_hold_can_be_refused_for_balance(relay):
+    """A balance that covers the tokens but not the searches a request allows is a 402 before
+    anything is sent upstream."""
+    _app, client, acct = relay
+    path, body = SEARCH_CALLS["messages"]
+    plain = client.post(path, json={**body, "tools": []}, headers={"x-api-key": acct.key})
+    assert plain.status_code == 200
+    hold = only_record().hold_micros
+    spend = wallet(acct.user_id).balance_micros - hold - 1_000  # left: the plain hold + 0.001
+    ledger.charge(acct.user_id, spend, kind="admin_adjust", ref_type="test", ref_id="drain")
+    many = {**body, "tools": [dict(ANTHROPIC_SEARCH, max_uses=100)]}
+    r = client.post(path, json=many, headers={"x-api-key": acct.key})
+    assert r.status_code == 402 and r.get_json()["error"]["message"].startswith("Insufficient balance")
+    assert len(records()) == 1
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("tools, bound", [
+    ([{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], 3),
+    ([{"type": "web_search_20250305", "name": "web_search"}], 10),
+    ([{"type": "web_search_20260209", "name": "web_search", "max_uses": 0}], 0),
+    ([{"type": "web_search"}], 10),
+    ([{"type": "web_search_preview"}, {"type": "web_search_preview_2025_03_11"}], 20),
+    ([{"type": "web_search_20250305", "max_uses": 2}, {"type": "web_search_20250305", "max_uses": 4}], 6),
+    ([{"type": "web_search_20250305", "max_uses": bad} for bad in (-1, "5", True, 10**6, 2.0)], 50),
+    ([{"type": "function", "name": "web_search"}, {"name": "web_search", "input_schema": {}}], 0),
+    ([{"type": "custom"}, "web_search", None, {"type": ["web_search"]}], 0),
+    ({"type": "web_search"}, 0),
+    (None, 0),
+], ids=["max_uses", "no-max", "zero", "openai", "preview-twice", "two", "bad-max", "client-tools",
+        "junk", "not-a-list", "none"])
+def test_the_search_bound_reads_each_search_tool(tools, bound):
+    """Each server-side web search tool adds its max_uses (10 without one, or with one that is
+    not a whole number up to 10,000); client tools named web_search do not count."""
+    assert estimate({"messages": HI, "tools": tools}).web_searches == bound
 
 
 def test_upstream_client_error_is_passed_on_unbilled(relay, upstream):

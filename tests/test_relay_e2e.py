@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from dataclasses import replace
 
 import anthropic
 import httpx
@@ -150,6 +151,43 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
     text = log.read_text()
     assert "/v1/chat/completions" in text  # the access log was written
     assert acct.key not in text and CANARY_CHANNEL not in text and acct.key[3:15] not in text
+
+
+def test_web_searches_through_both_sdks_are_billed_per_search(db_url, upstream):
+    """Claude's web_search server tool and OpenAI's hosted web search, whole and streamed, via
+    the official SDKs through gunicorn: the SDKs read the search blocks and items the relay
+    passed on, and each record bills the 2 searches at the model's price on top of its tokens."""
+    fake_reset(upstream)
+    app, acct = prepare(db_url, upstream, openai_models="gpt-4o-mini=fake-model@web_searches=2",
+                        anthropic_models="claude-haiku-4-5=fake-model@web_searches=2")
+    msg = [{"role": "user", "content": "what is new?"}]
+    claude_search = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+    with (gunicorn(db_url, workers=2, env=ENV) as base,
+          openai.OpenAI(base_url=f"{base}/v1", api_key=acct.key, max_retries=0) as oai,
+          anthropic.Anthropic(base_url=base, api_key=acct.key, max_retries=0) as claude):
+        m = claude.messages.create(model="claude-haiku-4-5", max_tokens=200, tools=claude_search, messages=msg)
+        assert [b.type for b in m.content] == ["server_tool_use", "web_search_tool_result"] * 2 + ["text"]
+        assert m.usage.server_tool_use.web_search_requests == 2
+        with claude.messages.stream(model="claude-haiku-4-5", max_tokens=200, tools=claude_search,
+                                    messages=msg) as s:
+            final = s.get_final_message()
+        assert [b.type for b in final.content] == ["server_tool_use", "web_search_tool_result"] * 2 + ["text"]
+        r = oai.responses.create(model="gpt-4o-mini", input="what is new?", tools=[{"type": "web_search"}])
+        assert [o.type for o in r.output] == ["web_search_call", "web_search_call", "message"]
+        with oai.responses.stream(model="gpt-4o-mini", input="what is new?", tools=[{"type": "web_search"}]) as st:
+            assert [o.type for o in st.get_final_response().output] == ["web_search_call"] * 2 + ["message"]
+
+    with app.app_context():
+        recs = records()
+        assert [(r.endpoint, r.stream, r.status, r.web_searches, r.web_search_price) for r in recs] == [
+            ("messages", False, "ok", 2, 10_000), ("messages", True, "ok", 2, 10_000),
+            ("responses", False, "ok", 2, 10_000), ("responses", True, "ok", 2, 10_000)]
+        for r in recs:
+            assert r.charge_micros == recomputed(r)
+            tokens_only = quote(replace(Tokens.of_record(r), web_searches=0), Prices.of_record(r), r.multiplier_ppm)
+            assert r.official_cost_pico - tokens_only.official_pico == 2 * 10_000 * 10**6
+        assert wallet(acct.user_id).balance_micros == 100_000_000 - sum(r.charge_micros for r in recs)
+        assert_consistent(acct.user_id)
 
 
 def test_client_disconnect_closes_upstream_and_bills_delivered(db_url, slow_upstream):

@@ -137,3 +137,47 @@ def test_usage_index_migration_goes_down_and_up(db_url):
             assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_web_search_migration_goes_down_and_up_keeping_records(db_url):
+    """Migration 0005 is reversible on both databases, and a record written before it reads as
+    a call with no search (0 searches at $0) once it is applied again."""
+    from datetime import timedelta
+
+    from sqlalchemy import inspect
+
+    from console.models import ModelPrice, UsageRecord, utcnow
+
+    migrate(db_url)
+    application = make_app(db_url)
+    with application.app_context():
+        uid = make_user("old-record@example.com").id
+        db.session.add(ModelPrice(name="m", provider="anthropic", web_search_price=10_000))
+        db.session.add(UsageRecord(request_id="req_old", user_id=uid, model="m", endpoint="messages",
+                                   status="ok", input_tokens=1000, multiplier_ppm=300_000,
+                                   web_searches=3, web_search_price=10_000,
+                                   deadline_at=utcnow() + timedelta(minutes=5)))
+        db.session.commit()
+        db.session.remove()
+        db.engine.dispose()
+
+    def columns(table):
+        engine = create_engine(db_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns(table)}
+        finally:
+            engine.dispose()
+
+    flask_cli(db_url, "db", "downgrade", "0004")
+    assert not {"web_searches", "web_search_price"} & columns("usage_records")
+    assert "web_search_price" not in columns("model_prices")
+    flask_cli(db_url, "db", "upgrade")
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT input_tokens, web_searches, web_search_price FROM usage_records"
+                                     " WHERE request_id = 'req_old'")).one() == (1000, 0, 0)
+            assert conn.execute(text("SELECT web_search_price FROM model_prices")).scalar_one() is None
+            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    finally:
+        engine.dispose()

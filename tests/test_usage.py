@@ -42,15 +42,16 @@ def record_values(user_id: int, *, created_at: datetime | None = None, model: st
                   key_id: int | None = None, group_id: int | None = None, multiplier_ppm: int = 300_000,
                   status: str = "ok", usage_source: str = "upstream", input_tokens: int = 1000,
                   output_tokens: int = 500, cache_write_5m_tokens: int = 0, cache_read_tokens: int = 0,
+                  web_searches: int = 0, web_search_price: int = 10_000,
                   input_price: int = 3_000_000, output_price: int = 15_000_000,
                   cache_write_price: int = 3_750_000, cache_read_price: int = 300_000,
                   latency_ms: int | None = 1200, ttfb_ms: int | None = 300, stream: bool = True) -> dict:
     """A usage record billed the way the relay bills: by quote(); failed calls charge nothing."""
     created_at = created_at or utcnow()
     prices = Prices(input=input_price, output=output_price, cache_write_5m=cache_write_price,
-                    cache_write_1h=cache_write_price, cache_read=cache_read_price)
+                    cache_write_1h=cache_write_price, cache_read=cache_read_price, web_search=web_search_price)
     tokens = Tokens(input=input_tokens, output=output_tokens, cache_write_5m=cache_write_5m_tokens,
-                    cache_read=cache_read_tokens)
+                    cache_read=cache_read_tokens, web_searches=web_searches)
     q = quote(tokens, prices, multiplier_ppm)
     billed = status in ("ok", "partial")
     return {
@@ -61,6 +62,7 @@ def record_values(user_id: int, *, created_at: datetime | None = None, model: st
         "cache_read_tokens": cache_read_tokens, "input_price": input_price, "output_price": output_price,
         "cache_write_5m_price": cache_write_price, "cache_write_1h_price": cache_write_price,
         "cache_read_price": cache_read_price, "per_call_price": 0, "multiplier_ppm": multiplier_ppm,
+        "web_searches": web_searches, "web_search_price": web_search_price,
         "official_cost_pico": q.official_pico if billed else 0,
         "charge_micros": q.charge_micros if billed else 0, "hold_micros": 0,
         "latency_ms": latency_ms, "ttfb_ms": ttfb_ms, "attempts": 1, "created_at": created_at,
@@ -267,6 +269,20 @@ def test_detail_formula_comes_from_billing_and_equals_the_charge(ctx, client):
     assert "differs from the recomputed" not in html
 
 
+def test_detail_names_the_web_searches_billed(ctx, client):
+    """A call with two web searches: the formula adds them at their price, the facts list them,
+    and the result is the stored charge."""
+    me = setup_user(client)
+    rid = add_record(me, input_tokens=1234, output_tokens=567, web_searches=2)
+    rec = db.session.get(UsageRecord, rid)
+    expected = ("(1,234 × $3.00 + 567 × $15.00) / 1M + 2 searches × $0.01 = $0.032207 official × 0.3 "
+                "= ¥0.009662 credits")
+    html = client.get(f"/usage/{rid}").get_data(as_text=True)
+    assert expected in html and format_fixed(rec.charge_micros) == "0.009662"
+    assert re.search(rf'id="web-searches-{rid}">2 × \$0.01 each', html)
+    assert "differs from the recomputed" not in html
+
+
 def test_detail_expands_in_place_for_htmx_and_collapses_back(ctx, client):
     """htmx gets the expanded <tbody> for the row; "Hide" returns the collapsed row."""
     me = setup_user(client)
@@ -296,7 +312,7 @@ def test_csv_export_rows_and_totals_equal_the_records(ctx, client):
     k = make_key(me, "=cmd|evil")
     rows = [record_values(me, key_id=k, model="gpt-4o" if i % 3 else "claude-sonnet-4",
                           input_tokens=1000 + i, output_tokens=7 * i, cache_read_tokens=i * 11,
-                          created_at=utcnow() - timedelta(seconds=i)) for i in range(40)]
+                          web_searches=i % 4, created_at=utcnow() - timedelta(seconds=i)) for i in range(40)]
     rows.append(record_values(me, key_id=k, status="failed", model="gpt-4o"))
     add_records(rows)
     resp = client.get("/usage/export.csv?model=gpt-4o", buffered=False)
@@ -317,6 +333,8 @@ def test_csv_export_rows_and_totals_equal_the_records(ctx, client):
     assert total[1] == f"{len(recs)} calls"
     assert int(total[col["input_tokens"]]) == sum(r.input_tokens for r in recs)
     assert int(total[col["cache_read_tokens"]]) == sum(r.cache_read_tokens for r in recs)
+    assert [int(line[col["web_searches"]]) for line in body] == [r.web_searches for r in recs]
+    assert int(total[col["web_searches"]]) == sum(r.web_searches for r in recs) > 0
     assert total[col["credits"]] == format_fixed(sum(r.charge_micros for r in recs)).replace(",", "")
     assert total[col["official_usd"]] == format_usd_pico(sum(r.official_cost_pico for r in recs))[1:]
 

@@ -9,10 +9,11 @@ Billing policy (the FAQ explains it to users; tests check it row by row):
 |   client, after retries (incl. 4xx, deadline)   |                                             |                      |
 | client disconnected mid-stream                  | input (exact if the upstream already        | partial / estimated  |
 |                                                 |   reported it, else estimated) + output     |                      |
-|                                                 |   delivered so far (estimated)              |                      |
+|                                                 |   delivered so far (estimated) + the web    |                      |
+|                                                 |   searches whose call or results it got     |                      |
 | upstream broke mid-stream (reset, deadline)     | same as a client disconnect                 | partial / estimated  |
 | stream or reply ended without usage (or with a  | estimated from the request and the text     | ok / estimated       |
-|   count beyond protocols.MAX_REPORTED_TOKENS)   |   delivered                                 |                      |
+|   count beyond protocols.MAX_REPORTED_TOKENS)   |   delivered, + the web searches it shows    |                      |
 | worker crashed mid-call                         | reconciler, after the deadline: estimated   | partial / estimated  |
 |                                                 |   input + output checkpointed so far        |                      |
 
@@ -24,10 +25,12 @@ pricing.max_charge(): input ≤ UTF-8 bytes of every string in the request (a to
 least one byte) + 4 per JSON object + 64, + 8,000 per image and the whole context window per
 document part, capped at the model's context window; output = the request's max_tokens /
 max_completion_tokens / max_output_tokens (× n) capped at the model's max_output_tokens,
-or that cap when the request sets none. Every input token is priced at the dearest input
-class. The settle charges the actual usage even if it exceeds the hold (the upstream already
-served it), so the overdraft bound is zero as long as the model's max_output_tokens is the
-upstream's real cap; otherwise it is at most (actual − hold) per call.
+or that cap when the request sets none; web searches = the max_uses of each server-side web
+search tool, or SEARCH_HOLD_USES for one without. Every input token is priced at the dearest
+input class. The settle charges the actual usage even if it exceeds the hold (the upstream
+already served it), so the overdraft bound is zero as long as the model's max_output_tokens is
+the upstream's real cap and a search tool without max_uses runs at most SEARCH_HOLD_USES;
+otherwise it is at most (actual − hold) per call.
 
 Admission is ONE write transaction: re-read the caller's key and refuse (StaleKey) unless
 it is unchanged and usable (auth.py: the key may come from the process's cache), hold
@@ -80,6 +83,10 @@ FILE_TYPES = frozenset({"document", "file", "input_file", "input_audio", "audio"
 IMAGE_HOLD_TOKENS = 8_000
 MEDIA_ESTIMATE_TOKENS = 1_000
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# Searches held for each web search tool a request offers without max_uses (OpenAI's tool has
+# no such field): the settle bills the searches actually run, even beyond the hold.
+SEARCH_HOLD_USES = 10
+MAX_USES_LIMIT = 10_000
 
 
 def new_request_id() -> str:
@@ -99,6 +106,8 @@ class Estimate:
     files: int
     requested_output: int | None
     n: int
+    web_searches: int = 0  # the most the request's web search tools may run
+
 
     def input_hold_tokens(self, model: ModelInfo) -> int:
         bound = (self.text_bytes + 4 * self.objects + 64 + IMAGE_HOLD_TOKENS * self.images
@@ -157,7 +166,22 @@ def estimate(body: dict) -> Estimate:
         if v is not None:
             requested = v if requested is None else max(requested, v)
     n = _positive_int(body, "n", 128) or 1
-    return Estimate(text_bytes, text_chars, objects, images, files, requested, n)
+    return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body))
+
+
+def _search_bound(body: dict) -> int:
+    """Searches the request's server-side web search tools may run: Anthropic's
+    `web_search_<version>` with its `max_uses`, OpenAI's `web_search[_preview][_<version>]`
+    (no limit of its own: SEARCH_HOLD_USES)."""
+    bound = 0
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith("web_search"):
+            uses = tool.get("max_uses")
+            ok = isinstance(uses, int) and not isinstance(uses, bool) and 0 <= uses <= MAX_USES_LIMIT
+            bound += uses if ok else SEARCH_HOLD_USES
+    return bound
 
 
 # ---- rate limits --------------------------------------------------------------------------
@@ -260,9 +284,9 @@ _INSERT_PENDING = Prepared(insert(_U).returning(_U.c.id))
 _INSERT_INFLIGHT = Prepared(insert(_I))
 _DELETE_INFLIGHT = Prepared(delete(_I).where(_I.c.record_id == bindparam("p_id")))
 _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
-                    "cache_write_1h_tokens", "cache_read_tokens", "official_cost_pico", "charge_micros",
-                    "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id", "error",
-                    "delivered_chars", "settled_at")
+                    "cache_write_1h_tokens", "cache_read_tokens", "web_searches", "official_cost_pico",
+                    "charge_micros", "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id",
+                    "error", "delivered_chars", "settled_at")
 _SETTLE_RECORD = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
                           .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
                           .returning(_U.c.id))
@@ -293,7 +317,7 @@ class Admission:
 def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, stream: bool,
           est: Estimate, client_ip: str | None) -> Admission:
     hold = max_charge(model.prices, caller.group.multiplier_ppm, est.input_hold_tokens(model),
-                      est.output_hold_tokens(model))
+                      est.output_hold_tokens(model), est.web_searches)
     cfg = current_app.config
     now = utcnow()
     deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])
@@ -320,8 +344,8 @@ def _admit(caller: Caller, model: ModelInfo, hold: int, now, deadline, *, reques
         "input_price": prices.input, "output_price": prices.output,
         "cache_write_5m_price": prices.cache_write_5m, "cache_write_1h_price": prices.cache_write_1h,
         "cache_read_price": prices.cache_read, "per_call_price": prices.per_call,
-        "multiplier_ppm": mult, "hold_micros": hold, "client_ip": client_ip, "created_at": now,
-        "deadline_at": deadline,
+        "web_search_price": prices.web_search, "multiplier_ppm": mult, "hold_micros": hold,
+        "client_ip": client_ip, "created_at": now, "deadline_at": deadline,
     }
     if db.engine.dialect.name == "postgresql":
         rid = _admit_pg(caller, hold, now, row)
@@ -505,7 +529,8 @@ def _settle(adm: Admission, out: Outcome) -> bool:
         "p_id": adm.record_id, "status": out.status, "usage_source": out.usage_source,
         "input_tokens": t.input, "output_tokens": t.output,
         "cache_write_5m_tokens": t.cache_write_5m, "cache_write_1h_tokens": t.cache_write_1h,
-        "cache_read_tokens": t.cache_read, "official_cost_pico": official, "charge_micros": charge,
+        "cache_read_tokens": t.cache_read, "web_searches": t.web_searches,
+        "official_cost_pico": official, "charge_micros": charge,
         "latency_ms": out.latency_ms, "ttfb_ms": out.ttfb_ms, "attempts": out.attempts,
         "channel_id": out.channel_id,
         "upstream_request_id": (out.upstream_request_id or None) and out.upstream_request_id[:100],
@@ -568,18 +593,19 @@ def reconcile(limit: int = 500) -> int:
         select(UsageRecord.id, UsageRecord.request_id, UsageRecord.user_id, UsageRecord.key_id,
                UsageRecord.hold_micros, UsageRecord.input_price, UsageRecord.output_price,
                UsageRecord.cache_write_5m_price, UsageRecord.cache_write_1h_price,
-               UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.multiplier_ppm,
-               UsageRecord.input_tokens, UsageRecord.delivered_chars, UsageRecord.created_at)
+               UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.web_search_price,
+               UsageRecord.multiplier_ppm, UsageRecord.input_tokens, UsageRecord.delivered_chars,
+               UsageRecord.created_at)
         .where(UsageRecord.status == "pending", UsageRecord.deadline_at < utcnow())
         .order_by(UsageRecord.id).limit(limit)
     ).all()
     db.session.rollback()  # end the read before the writes below
     settled = 0
     for r in rows:
-        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:11]), r[11], r[12])
-        tokens = Tokens(input=r[12], output=estimate_output_tokens(r[13], 0))
-        latency = int((utcnow() - r[14]).total_seconds() * 1000)
-        out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[13],
+        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12]), r[12], r[13])
+        tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0))
+        latency = int((utcnow() - r[15]).total_seconds() * 1000)
+        out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[14],
                       error="not settled by its worker (crash or restart); settled by the reconciler")
         settled += _settle(adm, out)
     return settled

@@ -6,7 +6,10 @@ not ask for it), and reading usage from JSON replies and from SSE events:
 - OpenAI chat: the final chunk's `usage` (prompt_tokens includes cached_tokens);
 - Responses: `response.completed` / `.incomplete` / `.failed` → response.usage;
 - Anthropic: `message_start` usage (input side, exact from the first event) merged with
-  `message_delta` usage (cumulative output), incl. cache creation (5 min / 1 h) and cache read.
+  `message_delta` usage (cumulative output), incl. cache creation (5 min / 1 h) and cache read,
+  and the web searches run (`server_tool_use.web_search_requests`);
+- web searches of Responses: the `web_search_call` items of the reply's output; of a stream cut
+  short, the search items and result blocks that reached the client (a failed search is free).
 
 The stream is split into SSE events and each event is passed on as soon as it is complete;
 no event is ever held back waiting for another.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
@@ -107,23 +110,57 @@ def openai_tokens(u: dict) -> Tokens:
 
 
 def anthropic_tokens(u: dict) -> Tokens:
+    """Messages usage, incl. the web searches run (`server_tool_use.web_search_requests`)."""
     created = _int(u.get("cache_creation_input_tokens"))
-    split = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
+    split = _dict(u.get("cache_creation"))
     w1h = min(_int(split.get("ephemeral_1h_input_tokens")), created)
     return Tokens(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
                   cache_write_5m=created - w1h, cache_write_1h=w1h,
-                  cache_read=_int(u.get("cache_read_input_tokens")))
+                  cache_read=_int(u.get("cache_read_input_tokens")),
+                  web_searches=_int(_dict(u.get("server_tool_use")).get("web_search_requests")))
+
+
+# A Responses output item the provider bills per use (OpenAI's hosted web search), and the
+# Messages content block that carries one search's results (Anthropic's web_search tool).
+WEB_SEARCH_ITEM = "web_search_call"
+WEB_SEARCH_RESULT_BLOCK = "web_search_tool_result"
+
+
+def ran_search(item) -> bool:
+    """A web_search_call item or a web_search_tool_result block of a search that ran: a failed
+    search is not billed by either provider."""
+    item = _dict(item)
+    if item.get("type") == WEB_SEARCH_ITEM:
+        return item.get("status") != "failed"
+    return item.get("type") == WEB_SEARCH_RESULT_BLOCK and isinstance(item.get("content"), list)
+
+
+def searches_in(surface: Surface, obj) -> int:
+    """Web searches a whole reply shows: Responses output items, Messages content blocks."""
+    if surface is RESPONSES:
+        return sum(map(ran_search, _list(_dict(obj).get("output"))))
+    if surface is MESSAGES:
+        return sum(map(ran_search, _list(_dict(obj).get("content"))))
+    return 0
+
+
+def responses_tokens(resp: dict) -> Tokens:
+    """Responses usage: its tokens, and the web searches its output shows (usage does not
+    count them)."""
+    return replace(openai_tokens(resp["usage"]), web_searches=searches_in(RESPONSES, resp))
 
 
 def believable(tokens: Tokens) -> bool:
     return max(tokens.input, tokens.output, tokens.cache_write_5m, tokens.cache_write_1h,
-               tokens.cache_read) <= MAX_REPORTED_TOKENS
+               tokens.cache_read, tokens.web_searches) <= MAX_REPORTED_TOKENS
 
 
 def usage_from_json(surface: Surface, obj) -> Tokens | None:
     """The usage a whole reply reports; None when it reports none (see `believable`)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return None
+    if surface is RESPONSES:
+        return responses_tokens(obj)
     u = obj["usage"]
     return anthropic_tokens(u) if surface.channel_type == "anthropic" else openai_tokens(u)
 
@@ -192,6 +229,8 @@ class StreamMeter:
         self.errored = False  # the upstream sent an error event inside the stream
         self.unbelievable = False  # it reported usage out of range: none of its usage counts
         self._final_seen = False
+        # Web searches whose results reached the client, for a stream that ends before its usage.
+        self.searches_seen = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Complete events to pass on (each with its blank-line terminator).
@@ -293,10 +332,12 @@ class StreamMeter:
         if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
             self.chars += len(obj["delta"])
             self.deltas += 1
+        elif kind == "response.output_item.done":
+            self.searches_seen += ran_search(obj.get("item"))
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             resp = _dict(obj.get("response"))
             if isinstance(resp.get("usage"), dict):
-                self._report(openai_tokens(resp["usage"]))
+                self._report(responses_tokens(resp))
         elif kind == "error":
             self.errored = True
 
@@ -309,6 +350,8 @@ class StreamMeter:
                     self.chars += len(d[k])
                     self.deltas += 1
                     break
+        elif kind == "content_block_start":
+            self.searches_seen += ran_search(obj.get("content_block"))
         elif kind == "message_start":
             u = _dict(obj.get("message")).get("usage")
             if isinstance(u, dict):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 from flask import current_app
@@ -36,6 +36,7 @@ from console.relay.protocols import (
     dumps,
     loads,
     prepare_body,
+    searches_in,
     text_from_json,
     usage_from_json,
 )
@@ -198,7 +199,8 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
             text = text_from_json(call.surface, obj)
             out = Outcome("ok", "estimated", Tokens(
                 input=adm.est_input_tokens,
-                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0),
+                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0,
+                web_searches=searches_in(call.surface, obj)),
                 error=UNBELIEVABLE_USAGE if tokens is not None else None)
         out.latency_ms = out.ttfb_ms = _ms(started)
         out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, route.id, up_id
@@ -366,22 +368,25 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
 
 def _stream_outcome(adm: Admission, meter: StreamMeter, broke: str | None, client_gone: bool) -> Outcome:
     """The policy table (see metering) applied to what the stream delivered."""
-    delivered = meter.chars > 0 or meter.deltas > 0
+    # A web search's call or results reached the client: output, even before any text.
+    delivered = meter.chars > 0 or meter.deltas > 0 or meter.searches_seen > 0
     if meter.complete_usage:
         return Outcome("ok", "upstream", meter.usage)
     if broke or client_gone or meter.errored:
         reason = "client disconnected" if client_gone else (broke or "upstream error event")
         if not delivered:
             return Outcome("failed", "upstream", error=f"{reason} before any output")
-        base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
-        return Outcome("partial", "estimated", Tokens(
-            input=base.input, output=meter.output_tokens_estimate, cache_write_5m=base.cache_write_5m,
-            cache_write_1h=base.cache_write_1h, cache_read=base.cache_read), error=reason)
+        return Outcome("partial", "estimated", _estimated_usage(adm, meter), error=reason)
+    return Outcome("ok", "estimated", _estimated_usage(adm, meter),
+                   error=UNBELIEVABLE_USAGE if meter.unbelievable else "no usage from upstream")
+
+
+def _estimated_usage(adm: Admission, meter: StreamMeter) -> Tokens:
+    """Input as reported (Anthropic's message_start) or estimated, the output delivered, and
+    the web searches whose results were delivered."""
     base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
-    return Outcome("ok", "estimated", Tokens(
-        input=base.input, output=meter.output_tokens_estimate, cache_write_5m=base.cache_write_5m,
-        cache_write_1h=base.cache_write_1h, cache_read=base.cache_read),
-        error=UNBELIEVABLE_USAGE if meter.unbelievable else "no usage from upstream")
+    return replace(base, output=meter.output_tokens_estimate,
+                   web_searches=max(base.web_searches, meter.searches_seen))
 
 
 def count_tokens(call: Call) -> Reply:

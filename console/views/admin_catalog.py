@@ -65,8 +65,7 @@ def _model_form(model) -> dict:
     out = {"name": model.name, "provider": model.provider, "kind": model.kind,
            "max_output_tokens": str(model.max_output_tokens), "context_window": str(model.context_window),
            "sort_order": str(model.sort_order), "enabled": "on" if model.enabled else ""}
-    for f in ("input_price", "output_price", "cache_write_5m_price", "cache_write_1h_price",
-              "cache_read_price", "per_call_price"):
+    for f in groups.PRICE_FIELDS:
         out[f] = _usd_text(getattr(model, f))
     return out
 

@@ -28,7 +28,7 @@ def pricing():
     """Models × groups at effective prices, and the calculator (a GET form; htmx gets the fragment)."""
     args = request.args
     form = {"model": args.get("model", ""), "group": args.get("group", ""),
-            **{c: args.get(c, "") for c in TOKEN_CLASSES}}
+            **{c: args.get(c, "") for c in (*TOKEN_CLASSES, "web_searches")}}
     calc, errors = None, {}
     if "model" in args:
         try:

@@ -28,6 +28,7 @@ MODELS = [
     ("text-embedding-3-small", "openai", "embedding", "0.02", "0", None, None, None, 1, 8191),
     ("not-in-group", "openai", "chat", "1.00", "1.00", None, None, None, 1000, 128000),
 ]
+WEB_SEARCH_USD = {"gpt-4o-mini": "0.01", "claude-haiku-4-5": "0.01"}  # $10 / 1k searches
 
 
 @contextmanager
@@ -89,6 +90,7 @@ def seed_catalog(*, multiplier: str = "0.3", concurrency: int = 50, rpm: int = 1
                            cache_write_5m_price=parse_usd(w5) if w5 else None,
                            cache_write_1h_price=parse_usd(w1) if w1 else None,
                            cache_read_price=parse_usd(cr) if cr else None,
+                           web_search_price=parse_usd(WEB_SEARCH_USD[name]) if name in WEB_SEARCH_USD else None,
                            max_output_tokens=mo, context_window=ctx)
             db.session.add(m)
             db.session.flush()
