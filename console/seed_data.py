@@ -93,5 +93,5 @@ FAQ = [
      "charges a fee per search on top of the tokens, and so do we, at the official price × your "
      "group's multiplier. The **Pricing** page lists it per 1,000 searches; a usage record shows "
      "its searches in the formula. Failed searches are free.\n\nWhile the call runs, every search "
-     "its tools allow is held: the tool's `max_uses`, or 10 when it sets none."),
+     "its tools allow is held: the tool's `max_uses` (or the request's `max_tool_calls`), else 10."),
 ]

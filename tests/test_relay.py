@@ -975,6 +975,23 @@ def test_the_search_bound_reads_each_search_tool(tools, bound):
     assert estimate({"messages": HI, "tools": tools}).web_searches == bound
 
 
+@pytest.mark.parametrize("max_tool_calls, tools, bound", [
+    (3, [{"type": "web_search"}], 3),
+    (40, [{"type": "web_search"}], 40),
+    (40, [{"type": "web_search"}, {"type": "web_search_preview"}], 40),
+    (40, [{"type": "web_search_20250305", "max_uses": 2}], 2),
+    (0, [{"type": "web_search"}], 0),
+    (-1, [{"type": "web_search"}], 10),
+    ("3", [{"type": "web_search"}], 10),
+    (5, [], 0),
+])
+def test_max_tool_calls_bounds_the_searches_of_a_response(max_tool_calls, tools, bound):
+    """The Responses API's max_tool_calls limits every built-in tool call of the response: a
+    search tool without its own limit may run that many, and all of them no more."""
+    body = {"input": "hi", "tools": tools, "max_tool_calls": max_tool_calls}
+    assert estimate(body).web_searches == bound
+
+
 def test_upstream_client_error_is_passed_on_unbilled(relay, upstream):
     """A 400 from the upstream reaches the client as is and costs nothing."""
     _app, client, acct = relay

@@ -26,7 +26,7 @@ least one byte) + 4 per JSON object + 64, + 8,000 per image and the whole contex
 document part, capped at the model's context window; output = the request's max_tokens /
 max_completion_tokens / max_output_tokens (× n) capped at the model's max_output_tokens,
 or that cap when the request sets none; web searches = the max_uses of each server-side web
-search tool, or SEARCH_HOLD_USES for one without. Every input token is priced at the dearest
+search tool, or SEARCH_HOLD_USES for one without, within max_tool_calls (see _search_bound). Every input token is priced at the dearest
 input class. The settle charges the actual usage even if it exceeds the hold (the upstream
 already served it), so the overdraft bound is zero as long as the model's max_output_tokens is
 the upstream's real cap and a search tool without max_uses runs at most SEARCH_HOLD_USES;
@@ -169,19 +169,26 @@ def estimate(body: dict) -> Estimate:
     return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body))
 
 
+def _count_field(obj: dict, name: str) -> int | None:
+    """A whole number from 0 to MAX_USES_LIMIT, else None (the upstream judges other values)."""
+    v = obj.get(name)
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_USES_LIMIT else None
+
+
 def _search_bound(body: dict) -> int:
     """Searches the request's server-side web search tools may run: Anthropic's
     `web_search_<version>` with its `max_uses`, OpenAI's `web_search[_preview][_<version>]`
-    (no limit of its own: SEARCH_HOLD_USES)."""
+    (no limit of its own), all within the Responses API's `max_tool_calls` when set. A tool
+    without a limit counts as `max_tool_calls`, or SEARCH_HOLD_USES."""
+    all_calls = _count_field(body, "max_tool_calls")
     bound = 0
     tools = body.get("tools")
     for tool in tools if isinstance(tools, list) else ():
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind.startswith("web_search"):
-            uses = tool.get("max_uses")
-            ok = isinstance(uses, int) and not isinstance(uses, bool) and 0 <= uses <= MAX_USES_LIMIT
-            bound += uses if ok else SEARCH_HOLD_USES
-    return bound
+            uses = _count_field(tool, "max_uses")
+            bound += uses if uses is not None else SEARCH_HOLD_USES if all_calls is None else all_calls
+    return bound if all_calls is None else min(bound, all_calls)
 
 
 # ---- rate limits --------------------------------------------------------------------------
