@@ -133,6 +133,9 @@ def _classes(model: ModelPrice) -> list[tuple[str, str]]:
     if model.provider == "anthropic":
         out += [("cache_write_5m", "cache write 5m"), ("cache_write_1h", "cache write 1h")]
     out.append(("cache_read", "cache read"))
+    if model.long_context_threshold:
+        above = f"above {model.long_context_threshold:,} input tokens"
+        out += [("long_input", f"input {above}"), ("long_output", f"output {above}")]
     if model.web_search_price:
         out.append(("web_search", WEB_SEARCH_LABEL))
     return out
@@ -145,8 +148,13 @@ SEARCHES_SHOWN = 1000
 
 
 def _official(prices: pricing.Prices, cls: str) -> int:
-    """Micro-USD per 1M tokens, per call, or per SEARCHES_SHOWN searches."""
-    return prices.web_search * SEARCHES_SHOWN if cls == "web_search" else getattr(prices, cls)
+    """Micro-USD per 1M tokens (of the long-context tier for long_*), per call, or per
+    SEARCHES_SHOWN searches."""
+    if cls == "web_search":
+        return prices.web_search * SEARCHES_SHOWN
+    if cls.startswith("long_"):
+        return getattr(prices.for_input(prices.long_threshold + 1), cls.removeprefix("long_"))
+    return getattr(prices, cls)
 
 
 def _effective(prices: pricing.Prices, cls: str, ppm: int) -> int:
@@ -157,7 +165,7 @@ def _effective(prices: pricing.Prices, cls: str, ppm: int) -> int:
     if cls == "web_search":
         return pricing.quote(pricing.Tokens(web_searches=SEARCHES_SHOWN),
                              pricing.Prices(web_search=prices.web_search), ppm).charge_micros
-    return pricing.price_per_million_credits(getattr(prices, cls), ppm)
+    return pricing.price_per_million_credits(_official(prices, cls), ppm)
 
 
 def pricing_table() -> tuple[list[Group], list[PriceRow]]:
@@ -329,7 +337,24 @@ def get_model(model_id: int) -> ModelPrice:
 
 
 PRICE_FIELDS = ("input_price", "output_price", "cache_write_5m_price", "cache_write_1h_price",
-                 "cache_read_price", "per_call_price", "web_search_price")
+                "cache_read_price", "per_call_price", "web_search_price")
+LONG_CONTEXT_FIELDS = ("long_context_threshold", "long_context_input_ppm", "long_context_output_ppm")
+
+
+def _long_context(form: dict, errors: dict[str, str]) -> dict:
+    """The long-context tier: a threshold (empty: none) and its two ratios (empty: 1x)."""
+    text = (form.get("long_context_threshold") or "").strip()
+    out = {"long_context_threshold": None if not text else
+           _int(text, "long_context_threshold", errors, 1, 100_000_000)}
+    for field in ("long_context_input_ppm", "long_context_output_ppm"):
+        raw = (form.get(field) or "").strip()
+        out[field] = None
+        if raw:
+            try:
+                out[field] = money.parse_multiplier(raw)
+            except money.MoneyError as exc:
+                errors[field] = str(exc)
+    return out
 
 
 def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice:
@@ -349,6 +374,7 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         "cache_read_price": _usd(form.get("cache_read_price"), "cache_read_price", errors, optional=True),
         "per_call_price": _usd(form.get("per_call_price"), "per_call_price", errors, optional=True),
         "web_search_price": _usd(form.get("web_search_price"), "web_search_price", errors, optional=True),
+        **_long_context(form, errors),
         "max_output_tokens": _int(form.get("max_output_tokens"), "max_output_tokens", errors, 1, 10_000_000),
         "context_window": _int(form.get("context_window"), "context_window", errors, 1, 100_000_000),
         "sort_order": _int(form.get("sort_order") or "0", "sort_order", errors, -100_000, 100_000),
@@ -361,12 +387,13 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         raise CatalogInputError(errors)
     with write_tx():
         model = ModelPrice() if model_id is None else get_model(model_id)
-        before = None if model_id is None else {f: getattr(model, f) for f in ("name", *PRICE_FIELDS)}
+        audited = ("name", *PRICE_FIELDS, *LONG_CONTEXT_FIELDS)
+        before = None if model_id is None else {f: getattr(model, f) for f in audited}
         for field, value in values.items():
             setattr(model, field, value)
         if model_id is None:
             db.session.add(model)
         db.session.flush()
         audit.record("catalog.model_saved", actor_id=actor_id, target_type="model", target_id=model.id,
-                     before=before, after={f: getattr(model, f) for f in ("name", *PRICE_FIELDS)})
+                     before=before, after={f: getattr(model, f) for f in audited})
     return model

@@ -183,6 +183,11 @@ class ModelPrice(db.Model):
     # A server tool's fee: micro-USD per web search the provider runs for a call (Anthropic's
     # web_search tool, OpenAI's hosted web search), billed on top of the tokens.
     web_search_price: Mapped[int | None] = mapped_column(Money, nullable=True)
+    # Long-context tier (pricing.Prices.for_input): above this many input-side tokens the whole
+    # call is priced at input-side prices × long_context_input_ppm, output × ..._output_ppm.
+    long_context_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    long_context_input_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    long_context_output_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_output_tokens: Mapped[int] = mapped_column(Integer, default=8192)
     context_window: Mapped[int] = mapped_column(Integer, default=128000)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -3,9 +3,9 @@ page, the calculator and the usage detail alike, so they can never disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from console.money import charge_micros, format_fixed, format_multiplier, format_usd_micros, format_usd_pico
+from console.money import MICROS, charge_micros, format_fixed, format_multiplier, format_usd_micros, format_usd_pico
 
 TOKEN_CLASSES = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 CLASS_LABELS = {
@@ -29,6 +29,23 @@ class Prices:
     cache_read: int = 0
     per_call: int = 0
     web_search: int = 0
+    # Long-context tier: a call whose input side (input + cache writes + cache reads) exceeds
+    # long_threshold tokens is priced whole at input-side prices × long_input_ppm and the
+    # output price × long_output_ppm (Anthropic's 1M-context beta: above 200K, ×2 and ×1.5).
+    long_threshold: int = 0
+    long_input_ppm: int = MICROS
+    long_output_ppm: int = MICROS
+
+    def for_input(self, input_side_tokens: int) -> "Prices":
+        """The flat prices of a call with this many input-side tokens (its tier's)."""
+        if not self.long_threshold or input_side_tokens <= self.long_threshold:
+            return replace(self, long_threshold=0) if self.long_threshold else self
+        up, out = self.long_input_ppm, self.long_output_ppm
+        return Prices(input=_scaled(self.input, up), output=_scaled(self.output, out),
+                      cache_write_5m=_scaled(self.cache_write_5m, up),
+                      cache_write_1h=_scaled(self.cache_write_1h, up),
+                      cache_read=_scaled(self.cache_read, up),
+                      per_call=self.per_call, web_search=self.web_search)
 
     @classmethod
     def of(cls, model) -> "Prices":
@@ -41,6 +58,9 @@ class Prices:
             cache_read=model.cache_read_price if model.cache_read_price is not None else model.input_price,
             per_call=model.per_call_price or 0,
             web_search=model.web_search_price or 0,
+            long_threshold=model.long_context_threshold or 0,
+            long_input_ppm=model.long_context_input_ppm or MICROS,
+            long_output_ppm=model.long_context_output_ppm or MICROS,
         )
 
     @classmethod
@@ -49,6 +69,11 @@ class Prices:
         return cls(rec.input_price, rec.output_price, rec.cache_write_5m_price,
                    rec.cache_write_1h_price, rec.cache_read_price, rec.per_call_price,
                    rec.web_search_price)
+
+
+def _scaled(price: int, ppm: int) -> int:
+    """A unit price × a tier's ratio, rounded half-up to the micro-USD per 1M tokens."""
+    return (price * ppm + MICROS // 2) // MICROS
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,11 @@ class Tokens:
     def of_record(cls, rec) -> "Tokens":
         return cls(rec.input_tokens, rec.output_tokens, rec.cache_write_5m_tokens,
                    rec.cache_write_1h_tokens, rec.cache_read_tokens, rec.web_searches)
+
+    @property
+    def input_side(self) -> int:
+        """Every token of the prompt, however it was priced (what a long-context tier counts)."""
+        return self.input + self.cache_write_5m + self.cache_write_1h + self.cache_read
 
 
 @dataclass(frozen=True)
@@ -98,7 +128,9 @@ class Quote:
 
 
 def quote(tokens: Tokens, prices: Prices, multiplier_ppm: int) -> Quote:
-    """Official cost in pico-USD (tokens × micro-USD-per-1M is exact) × multiplier, rounded once."""
+    """Official cost in pico-USD (tokens × micro-USD-per-1M is exact) × multiplier, rounded once.
+    The quote's prices are the flat prices of the call's tier (a record stores those)."""
+    prices = prices.for_input(tokens.input_side)
     terms = tuple(
         (c, getattr(tokens, c), getattr(prices, c))
         for c in TOKEN_CLASSES
@@ -116,8 +148,7 @@ def max_charge(prices: Prices, multiplier_ppm: int, input_tokens_max: int, outpu
     """Upper bound of a call's charge, for the admission hold: every input token is priced at
     the dearest input class (a cache write costs more than plain input)."""
     dearest_input = max(prices.input, prices.cache_write_5m, prices.cache_write_1h, prices.cache_read)
-    bound = Prices(input=dearest_input, output=prices.output, per_call=prices.per_call,
-                   web_search=prices.web_search)
+    bound = replace(prices, input=dearest_input, cache_write_5m=0, cache_write_1h=0, cache_read=0)
     usage = Tokens(input=input_tokens_max, output=output_tokens_max, web_searches=web_searches_max)
     return quote(usage, bound, multiplier_ppm).charge_micros
 

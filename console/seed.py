@@ -8,7 +8,7 @@ from console.database import write_tx
 from console.extensions import db
 from console.models import ApiKey, FaqEntry, Group, GroupModel, LedgerEntry, ModelPrice, User
 from console.money import parse_multiplier, parse_usd
-from console.seed_data import FAQ, GROUPS, MODELS, WEB_SEARCH_USD
+from console.seed_data import FAQ, GROUPS, LONG_CONTEXT, MODELS, WEB_SEARCH_USD
 
 DEMO_ADMIN = ("admin@example.com", "admin-demo-password")
 DEMO_USER = ("demo@example.com", "demo-user-password")
@@ -18,6 +18,14 @@ DEMO_KEY_NAME = "demo"
 
 def _usd(v: str | None) -> int | None:
     return None if v is None else parse_usd(v)
+
+
+def _long_context(name: str) -> dict:
+    if name not in LONG_CONTEXT:
+        return {}
+    threshold, up, out = LONG_CONTEXT[name]
+    return {"long_context_threshold": threshold, "long_context_input_ppm": parse_multiplier(up),
+            "long_context_output_ppm": parse_multiplier(out)}
 
 
 def seed_reference() -> None:
@@ -31,7 +39,7 @@ def seed_reference() -> None:
                 name=name, provider=provider, kind=kind, input_price=parse_usd(inp),
                 output_price=parse_usd(out), cache_write_5m_price=_usd(cw5),
                 cache_write_1h_price=_usd(cw1), cache_read_price=_usd(cr),
-                web_search_price=_usd(WEB_SEARCH_USD.get(name)), max_output_tokens=max_out, context_window=ctx, sort_order=i,
+                web_search_price=_usd(WEB_SEARCH_USD.get(name)), **_long_context(name), max_output_tokens=max_out, context_window=ctx, sort_order=i,
             ))
         db.session.flush()
         by_name = {m.name: m.id for m in db.session.scalars(select(ModelPrice))}

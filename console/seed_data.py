@@ -17,7 +17,7 @@ MODELS = [
     ("text-embedding-3-small", "openai", "embedding", "0.02", "0", None, None, None, 1, 8191),
     ("text-embedding-3-large", "openai", "embedding", "0.13", "0", None, None, None, 1, 8191),
     ("claude-opus-4-1", "anthropic", "chat", "15.00", "75.00", "18.75", "30.00", "1.50", 32000, 200000),
-    ("claude-sonnet-4-5", "anthropic", "chat", "3.00", "15.00", "3.75", "6.00", "0.30", 64000, 200000),
+    ("claude-sonnet-4-5", "anthropic", "chat", "3.00", "15.00", "3.75", "6.00", "0.30", 64000, 1000000),
     ("claude-opus-4-5", "anthropic", "chat", "5.00", "25.00", "6.25", "10.00", "0.50", 64000, 200000),
     ("claude-haiku-4-5", "anthropic", "chat", "1.00", "5.00", "1.25", "2.00", "0.10", 64000, 200000),
 ]
@@ -26,6 +26,11 @@ MODELS = [
 # web search tool both list $10 per 1,000 (OpenAI's older web_search_preview on non-reasoning
 # models lists $25: set that per model in Admin → catalog if you sell it).
 WEB_SEARCH_USD = {name: "0.01" for name, _provider, kind, *_rest in MODELS if kind == "chat"}
+
+# Long-context tiers: (input-side tokens above which a call is priced whole at, input-side
+# prices ×, output price ×). Claude Sonnet 4.5 serves 1M tokens with the context-1m beta and
+# prices a prompt above 200K at $6 / $22.50 (cache prices scale like input).
+LONG_CONTEXT = {"claude-sonnet-4-5": (200_000, "2", "1.5")}
 
 # slug, name, description, multiplier, badge, concurrency, rpm, models (None = all), order
 GROUPS = [
@@ -87,6 +92,13 @@ FAQ = [
      "| our worker crashed mid-call | settled after the deadline by the same rules; marked |\n\n"
      "While a call runs, its maximum possible cost is *held* (shown as held in your wallet) and "
      "released when it ends, so concurrent calls can never spend money you do not have."),
+    ("long-context-prices", "Why does a very long prompt cost more per token?",
+     "Some models price a long prompt higher: Claude Sonnet 4.5 with its 1M-token context "
+     "(Claude Code's `sonnet[1m]`) charges, for a call whose prompt (input, cache writes and cache "
+     "reads together) passes 200,000 tokens, $6 instead of $3 per 1M input tokens and $22.50 "
+     "instead of $15 per 1M output tokens, for every token of that call; cache prices double too. "
+     "We bill the same tier × your group's multiplier. The **Pricing** page lists each model's "
+     "tier, and a usage record priced at it says so."),
     ("web-search-fees", "Are web searches billed?",
      "Yes. When a model searches the web for your call (Claude's `web_search` tool, which Claude "
      "Code's WebSearch uses, or OpenAI's hosted web search in the Responses API), the provider "

@@ -300,6 +300,7 @@ class Detail:
     formula: str
     matches_charge: bool   # the recomputed charge equals the stored one
     lines: list[tuple[str, int, int]]  # (token class label, tokens, micro-USD per 1M)
+    long_context_above: int | None = None  # the prompt passed the model's long-context threshold
 
 
 def detail(user_id: int, record_id: int, symbol: str = "") -> Detail:
@@ -312,7 +313,9 @@ def detail(user_id: int, record_id: int, symbol: str = "") -> Detail:
     key = db.session.get(ApiKey, rec.key_id) if rec.key_id else None
     group = db.session.get(Group, rec.group_id) if rec.group_id else None
     lines = [(CLASS_LABELS[c], n, p) for c, n, p in q.terms]
-    return Detail(rec, key, group, q, q.formula(symbol), q.charge_micros == rec.charge_micros, lines)
+    threshold = db.session.scalar(select(ModelPrice.long_context_threshold).where(ModelPrice.name == rec.model))
+    above = threshold if threshold and q.tokens.input_side > threshold and rec.status != "failed" else None
+    return Detail(rec, key, group, q, q.formula(symbol), q.charge_micros == rec.charge_micros, lines, above)
 
 
 def record_row(user_id: int, record_id: int) -> tuple[UsageRecord, Choices]:

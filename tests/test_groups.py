@@ -161,11 +161,21 @@ def test_admin_creates_and_edits_groups_and_prices(ctx, client):
              "max_output_tokens": "128000", "context_window": "400000", "sort_order": "0", "enabled": "on"}
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "input_price": "1e3"}).status_code == 422
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "web_search_price": "-1"}).status_code == 422
-    assert client.post(f"/admin/catalog/models/{model.id}", data=mform).status_code == 302
+    for field, bad in [("long_context_threshold", "0"), ("long_context_threshold", "2e5"),
+                       ("long_context_input_ppm", "0"), ("long_context_output_ppm", "x1.5")]:
+        assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, field: bad}).status_code == 422, field
+    long = {"long_context_threshold": "272000", "long_context_input_ppm": "2", "long_context_output_ppm": "1.5"}
+    assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, **long}).status_code == 302
     db.session.expire_all()
     model = db.session.get(ModelPrice, model.id)
     assert (model.input_price, model.output_price, model.cache_read_price) == (1_500_000, 12_000_000, 150_000)
     assert model.web_search_price == 25_000
+    assert (model.long_context_threshold, model.long_context_input_ppm, model.long_context_output_ppm) == (
+        272_000, 2_000_000, 1_500_000)
+    page = client.get(f"/admin/catalog/models/{model.id}").data.decode()
+    assert 'name="long_context_threshold" value="272000"' in page and 'name="long_context_output_ppm" value="1.5"' in page
     actions = list(db.session.scalars(select(AuditLog.action).where(AuditLog.action.like("catalog.%"))))
     assert actions.count("catalog.group_saved") == 1 and actions.count("catalog.model_saved") == 1
+    after = db.session.scalar(select(AuditLog.after).where(AuditLog.action == "catalog.model_saved"))
+    assert json.loads(after)["long_context_threshold"] == 272_000
     assert client.get("/admin/catalog/groups/99999").status_code == 404

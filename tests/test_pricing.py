@@ -52,7 +52,7 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
     """Each effective price cell equals pricing.price_per_million_credits of that class and group."""
     html = client.get("/pricing").data.decode()
     table_groups, rows = groups.pricing_table()
-    checked = searches = 0
+    checked = searches = longs = 0
     for row in rows:
         chunk = html.split(f'id="price-row-{row.model.id}"')[1].split("</tr>")[0]
         prices = pricing.Prices.of(row.model)
@@ -62,6 +62,15 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
                 assert not cells
                 continue
             for label, shown in cells:
+                if " above " in label:  # "input above 200,000 input tokens": the tier's price
+                    cls, threshold = label.split(" ")[0], int(label.split(" ")[2].replace(",", ""))
+                    assert threshold == prices.long_threshold
+                    over = pricing.quote(pricing.Tokens(input=threshold + 1), prices, g.multiplier_ppm)
+                    assert over.prices.input == 2 * prices.input and over.prices.output * 2 == 3 * prices.output
+                    tier = getattr(over.prices, cls)
+                    assert _micros(shown) == pricing.price_per_million_credits(tier, g.multiplier_ppm)
+                    longs += 1
+                    continue
                 if label == "web search / 1k":  # per 1,000 searches, not per 1M tokens
                     quoted = pricing.quote(pricing.Tokens(web_searches=1000), prices, g.multiplier_ppm)
                     assert quoted.official_pico == prices.web_search * 1000 * 10**6 > 0
@@ -72,10 +81,13 @@ def test_every_effective_price_on_the_page_is_the_billing_price(seeded, client):
                        "cache write 1h": "cache_write_1h", "cache read": "cache_read"}[label]
                 expected = pricing.price_per_million_credits(getattr(prices, cls), g.multiplier_ppm)
                 assert _micros(shown) == expected, (row.model.name, g.slug, label)
-                quoted = pricing.quote(pricing.Tokens(**{cls: 1_000_000}), prices, g.multiplier_ppm)
+                # The rate of calls below a long-context threshold (1M tokens would pass it).
+                regular = prices.for_input(0)
+                quoted = pricing.quote(pricing.Tokens(**{cls: 1_000_000}), regular, g.multiplier_ppm)
                 assert quoted.charge_micros == expected
                 checked += 1
-    assert checked > 50 and searches > 10
+    assert checked > 50 and searches > 10 and longs == 2 * sum(
+        "claude-sonnet-4-5" in {m.name for m in g.models} for g in table_groups) > 0
 
 
 def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
@@ -92,6 +104,34 @@ def test_calculator_full_page_without_js_and_fragment_with_htmx(seeded, client):
     formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', frag.data.decode()).group(1))
     assert formula == expected.formula("¥")
     assert "1,234 × $3.00 + 567 × $15.00" in formula
+
+
+def test_a_prompt_above_200k_is_priced_whole_at_the_long_context_tier(seeded, client):
+    """claude-sonnet-4-5: 150,000 input + 50,000 cache read is exactly 200,000 input-side
+    tokens, regular prices; one token more and every token is priced at $6 / $22.50 / $0.60."""
+    q = {"model": "claude-sonnet-4-5", "group": "dedicated", "input": "150000", "output": "1000",
+         "cache_read": "50000"}
+    at = client.get("/pricing", query_string=q, headers=HX).data.decode()
+    formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', at).group(1))
+    assert formula.startswith("(150,000 × $3.00 + 1,000 × $15.00 + 50,000 × $0.30) / 1M = $0.480000 ")
+    over = client.get("/pricing", query_string={**q, "input": "150001"}, headers=HX).data.decode()
+    formula = html_lib.unescape(re.search(r'id="calc-formula">([^<]+)<', over).group(1))
+    assert formula.startswith("(150,001 × $6.00 + 1,000 × $22.50 + 50,000 × $0.60) / 1M = $0.952506 ")
+    assert _micros(CHARGE.search(over).group(1)) == 952_506
+
+
+def test_tier_prices_round_half_up_to_the_micro_usd_and_bound_the_hold():
+    """A tier's prices are the regular ones × its ratios, rounded half-up once; the hold of a
+    prompt bound above the threshold is priced at the tier, at the dearest input-side price."""
+    prices = pricing.Prices(input=1, output=3, cache_write_5m=5, cache_read=2, long_threshold=10,
+                            long_input_ppm=1_500_000, long_output_ppm=1_500_000)
+    tier = prices.for_input(11)
+    assert (tier.input, tier.output, tier.cache_write_5m, tier.cache_read) == (2, 5, 8, 3)
+    assert prices.for_input(10).input == 1 and tier.long_threshold == 0
+    assert pricing.max_charge(prices, 1_000_000, 11, 0) == pricing.quote(
+        pricing.Tokens(input=11), pricing.Prices(input=8), 1_000_000).charge_micros
+    assert pricing.max_charge(prices, 1_000_000, 10, 0) == pricing.quote(
+        pricing.Tokens(input=10), pricing.Prices(input=5), 1_000_000).charge_micros
 
 
 def test_calculator_prices_web_searches_on_top_of_tokens(seeded, client):
@@ -137,7 +177,7 @@ def test_calculator_rejects_bad_input_with_422(seeded, client, query, field):
     cache_read=st.integers(0, 1_000_000),
     cache_write=st.integers(0, 500_000),
     searches=st.integers(0, 60),
-    model_name=st.sampled_from(["claude-opus-4-1", "gpt-5", "claude-haiku-4-5", "gpt-4o-mini"]),
+    model_name=st.sampled_from(["claude-opus-4-1", "gpt-5", "claude-haiku-4-5", "gpt-4o-mini", "claude-sonnet-4-5"]),
 )
 def test_calculator_equals_quote_and_ledger_billing(seeded, client, multiplier, input_tokens, output_tokens,
                                                     cache_read, cache_write, searches, model_name):

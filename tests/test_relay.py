@@ -925,8 +925,11 @@ def test_a_reply_without_usage_still_bills_the_searches_it_shows(relay, upstream
 def test_searches_are_free_where_the_catalog_sets_no_price(relay, upstream):
     """A model without a search price bills the searches' count at $0, holds nothing for them."""
     _app, client, acct = relay
+    from console.relay.auth import invalidate_catalog
+
     with write_tx():
         db.session.execute(update(ModelPrice).values(web_search_price=None))
+    invalidate_catalog()
     scenario(upstream, "web_searches=2")
     r = search_call(client, acct, "messages", False)
     assert r.status_code == 200
@@ -990,6 +993,60 @@ def test_max_tool_calls_bounds_the_searches_of_a_response(max_tool_calls, tools,
     search tool without its own limit may run that many, and all of them no more."""
     body = {"input": "hi", "tools": tools, "max_tool_calls": max_tool_calls}
     assert estimate(body).web_searches == bound
+
+
+def long_context(model: str, threshold: int, up: int = 2_000_000, out: int = 1_500_000) -> None:
+    """Give a test model a long-context tier, seen by the next call (prices are cached per
+    process for CATALOG_TTL_S)."""
+    from console.relay.auth import invalidate_catalog
+
+    with write_tx():
+        db.session.execute(update(ModelPrice).where(ModelPrice.name == model).values(
+            long_context_threshold=threshold, long_context_input_ppm=up, long_context_output_ppm=out))
+    db.session.remove()
+    invalidate_catalog()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_prompt_above_the_long_context_threshold_is_priced_whole_at_the_tier(relay, stream):
+    """claude-haiku-4-5 given a tier above 100 input-side tokens (input ×2, output ×1.5): a call
+    whose prompt (input + cache write) exceeds it has every token priced at the tier, the record
+    holds the tier's prices, and its charge recomputes from the row; a short call stays at the
+    regular prices."""
+    _app, client, acct = relay
+    long_context("claude-haiku-4-5", 100)
+    headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01"}
+    system = [{"type": "text", "text": "Be brief. " * 60, "cache_control": {"type": "ephemeral"}}]
+    short = client.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 50,
+                                              "messages": HI, "stream": stream}, headers=headers)
+    long = client.post("/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 50, "system": system,
+                                             "messages": HI, "stream": stream}, headers=headers)
+    assert short.status_code == long.status_code == 200
+    a, b = records()
+    assert Tokens.of_record(a).input_side <= 100 < Tokens.of_record(b).input_side
+    assert b.cache_write_5m_tokens > 0  # the tier counts cache writes too
+    regular = (1_000_000, 5_000_000, 1_250_000, 2_000_000, 100_000)
+    assert (a.input_price, a.output_price, a.cache_write_5m_price, a.cache_write_1h_price, a.cache_read_price) == regular
+    assert (b.input_price, b.output_price, b.cache_write_5m_price, b.cache_write_1h_price, b.cache_read_price) == (
+        2_000_000, 7_500_000, 2_500_000, 4_000_000, 200_000)
+    for rec in (a, b):
+        assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
+    assert_consistent(acct.user_id)
+
+
+def test_the_hold_of_a_long_prompt_is_priced_at_the_tier(relay):
+    """The hold's input bound above the threshold is priced at the tier: with ×3 input and ×1.5
+    output it is higher than the same request's hold without the tier."""
+    _app, client, acct = relay
+    body = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "y" * 4000}]}
+    assert client.post("/v1/messages", json=body, headers={"x-api-key": acct.key}).status_code == 200
+    long_context("claude-haiku-4-5", 1000, up=3_000_000)
+    assert client.post("/v1/messages", json=body, headers={"x-api-key": acct.key}).status_code == 200
+    plain, tiered = records()
+    assert tiered.input_price == 3 * plain.input_price
+    assert tiered.hold_micros > 2 * plain.hold_micros
+    assert tiered.charge_micros == recomputed(tiered) <= tiered.hold_micros
+    assert_consistent(acct.user_id)
 
 
 def test_upstream_client_error_is_passed_on_unbilled(relay, upstream):
@@ -1249,6 +1306,19 @@ def test_reconcile_settles_stale_records_once(relay):
     assert rec.input_tokens == stale.est_input_tokens == 104  # ⌈415 characters / 4⌉
     assert rec.charge_micros == recomputed(rec) > 0
     assert wallet(acct.user_id).held_micros == fresh.hold_micros
+    assert ledger.verify() == []
+
+
+def test_reconcile_prices_a_long_prompt_at_its_models_tier(relay):
+    """A crashed call of a model with a long-context tier, its estimated input (104 tokens)
+    above the threshold: the reconciler bills it at the tier's prices, as its worker would."""
+    _app, _client, acct = relay
+    long_context("gpt-4o-mini", 100)
+    stale = _pending(acct, deadline_in=-timedelta(seconds=1), delivered_chars=40)
+    assert reconcile() == 1
+    rec = db.session.get(UsageRecord, stale.record_id)
+    assert rec.input_tokens == 104 and (rec.input_price, rec.output_price) == (300_000, 900_000)
+    assert rec.charge_micros == recomputed(rec) > 0
     assert ledger.verify() == []
 
 

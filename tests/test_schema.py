@@ -181,3 +181,29 @@ def test_web_search_migration_goes_down_and_up_keeping_records(db_url):
             assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_long_context_migration_goes_down_and_up(db_url):
+    """Migration 0006 is reversible on both databases: down to 0005 the tier columns are gone,
+    up again the schema equals the models'."""
+    from sqlalchemy import inspect
+
+    def columns():
+        engine = create_engine(db_url)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("model_prices")}
+        finally:
+            engine.dispose()
+
+    tier = {"long_context_threshold", "long_context_input_ppm", "long_context_output_ppm"}
+    migrate(db_url)
+    assert tier <= columns()
+    flask_cli(db_url, "db", "downgrade", "0005")
+    assert not tier & columns()
+    flask_cli(db_url, "db", "upgrade")
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    finally:
+        engine.dispose()

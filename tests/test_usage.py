@@ -15,7 +15,7 @@ from sqlalchemy import func, insert, select
 from console import usage
 from console.database import write_tx
 from console.extensions import db
-from console.models import ApiKey, Group, UsageDaily, UsageRecord, UsageRollupMark, User, utcnow
+from console.models import ApiKey, Group, ModelPrice, UsageDaily, UsageRecord, UsageRollupMark, User, utcnow
 from console.money import format_fixed, format_usd_pico
 from console.pricing import Prices, Tokens, quote
 from tests.support.web import HX, login, make_user
@@ -281,6 +281,23 @@ def test_detail_names_the_web_searches_billed(ctx, client):
     assert expected in html and format_fixed(rec.charge_micros) == "0.009662"
     assert re.search(rf'id="web-searches-{rid}">2 × \$0.01 each', html)
     assert "differs from the recomputed" not in html
+
+
+def test_detail_says_when_the_long_context_tier_priced_the_call(ctx, client):
+    """A record whose prompt passed its model's long-context threshold says so beside its formula
+    (the prices in the formula are the tier's); a shorter one does not."""
+    me = setup_user(client)
+    with write_tx():
+        db.session.add(ModelPrice(name="claude-sonnet-4", provider="anthropic", input_price=3_000_000,
+                                  output_price=15_000_000, long_context_threshold=200_000,
+                                  long_context_input_ppm=2_000_000, long_context_output_ppm=1_500_000))
+    long = add_record(me, input_tokens=150_000, cache_read_tokens=50_001, input_price=6_000_000,
+                      output_price=22_500_000, cache_read_price=600_000)
+    short = add_record(me, input_tokens=150_000, cache_read_tokens=50_000)
+    html = client.get(f"/usage/{long}").get_data(as_text=True)
+    assert f'id="long-context-{long}"' in html and "passed 200,000 input tokens" in html
+    assert "150,000 × $6.00" in html and "differs from the recomputed" not in html
+    assert "long-context-" not in client.get(f"/usage/{short}").get_data(as_text=True)
 
 
 def test_detail_expands_in_place_for_htmx_and_collapses_back(ctx, client):

@@ -72,7 +72,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from console import keys, ledger, rate_storage_options
 from console.database import DatabaseBusy, GroupCommit, PgGroupCommit, Prepared, raw_tx
 from console.extensions import db
-from console.models import ApiKey, RelayInflight, UsageRecord, utcnow
+from console.models import ApiKey, ModelPrice, RelayInflight, UsageRecord, utcnow
+from console.money import MICROS
 from console.pricing import Prices, Tokens, max_charge, quote
 from console.relay.auth import Caller, ModelInfo
 from console.relay.errors import RelayError
@@ -290,8 +291,11 @@ _KEY_COMMITTED = Prepared(select(
 _INSERT_PENDING = Prepared(insert(_U).returning(_U.c.id))
 _INSERT_INFLIGHT = Prepared(insert(_I))
 _DELETE_INFLIGHT = Prepared(delete(_I).where(_I.c.record_id == bindparam("p_id")))
+# The token prices too: a long-context tier (pricing.Prices.for_input) is known only at settle.
 _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
-                    "cache_write_1h_tokens", "cache_read_tokens", "web_searches", "official_cost_pico",
+                    "cache_write_1h_tokens", "cache_read_tokens", "web_searches", "input_price",
+                    "output_price", "cache_write_5m_price", "cache_write_1h_price", "cache_read_price",
+                    "official_cost_pico",
                     "charge_micros", "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id",
                     "error", "delivered_chars", "settled_at")
 _SETTLE_RECORD = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
@@ -531,12 +535,15 @@ def _settle(adm: Admission, out: Outcome) -> bool:
     charge = q.charge_micros if q else 0
     official = q.official_pico if q else 0
     t = out.tokens if q else Tokens()
+    used = q.prices if q else adm.prices
     now = utcnow()
     record = {
         "p_id": adm.record_id, "status": out.status, "usage_source": out.usage_source,
         "input_tokens": t.input, "output_tokens": t.output,
         "cache_write_5m_tokens": t.cache_write_5m, "cache_write_1h_tokens": t.cache_write_1h,
         "cache_read_tokens": t.cache_read, "web_searches": t.web_searches,
+        "input_price": used.input, "output_price": used.output, "cache_write_5m_price": used.cache_write_5m,
+        "cache_write_1h_price": used.cache_write_1h, "cache_read_price": used.cache_read,
         "official_cost_pico": official, "charge_micros": charge,
         "latency_ms": out.latency_ms, "ttfb_ms": out.ttfb_ms, "attempts": out.attempts,
         "channel_id": out.channel_id,
@@ -602,14 +609,18 @@ def reconcile(limit: int = 500) -> int:
                UsageRecord.cache_write_5m_price, UsageRecord.cache_write_1h_price,
                UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.web_search_price,
                UsageRecord.multiplier_ppm, UsageRecord.input_tokens, UsageRecord.delivered_chars,
-               UsageRecord.created_at)
+               UsageRecord.created_at, ModelPrice.long_context_threshold, ModelPrice.long_context_input_ppm,
+               ModelPrice.long_context_output_ppm)
+        .outerjoin(ModelPrice, ModelPrice.name == UsageRecord.model)
         .where(UsageRecord.status == "pending", UsageRecord.deadline_at < utcnow())
         .order_by(UsageRecord.id).limit(limit)
     ).all()
     db.session.rollback()  # end the read before the writes below
     settled = 0
     for r in rows:
-        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12]), r[12], r[13])
+        # The record's (regular) prices, with the model's long-context tier, if it has one.
+        tier = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS, "long_output_ppm": r[18] or MICROS}
+        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12], **tier), r[12], r[13])
         tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0))
         latency = int((utcnow() - r[15]).total_seconds() * 1000)
         out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[14],

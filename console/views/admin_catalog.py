@@ -67,6 +67,10 @@ def _model_form(model) -> dict:
            "sort_order": str(model.sort_order), "enabled": "on" if model.enabled else ""}
     for f in groups.PRICE_FIELDS:
         out[f] = _usd_text(getattr(model, f))
+    out["long_context_threshold"] = str(model.long_context_threshold or "")
+    for f in ("long_context_input_ppm", "long_context_output_ppm"):
+        ppm = getattr(model, f)
+        out[f] = "" if ppm is None else money.format_fixed(ppm, min_places=0).replace(",", "")
     return out
 
 
