@@ -39,7 +39,8 @@ def seed_reference() -> None:
                 name=name, provider=provider, kind=kind, input_price=parse_usd(inp),
                 output_price=parse_usd(out), cache_write_5m_price=_usd(cw5),
                 cache_write_1h_price=_usd(cw1), cache_read_price=_usd(cr),
-                web_search_price=_usd(WEB_SEARCH_USD.get(name)), **_long_context(name), max_output_tokens=max_out, context_window=ctx, sort_order=i,
+                web_search_price=_usd(WEB_SEARCH_USD.get(name)), **_long_context(name),
+                max_output_tokens=max_out, context_window=ctx, sort_order=i,
             ))
         db.session.flush()
         by_name = {m.name: m.id for m in db.session.scalars(select(ModelPrice))}

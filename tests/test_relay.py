@@ -475,6 +475,29 @@ def test_a_background_response_is_refused_because_it_could_not_be_billed(relay, 
     assert r.status_code == 200 and only_record().status == "ok"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),
+], ids=["chat", "responses"])
+def test_a_processing_tier_the_catalog_does_not_price_is_refused(relay, upstream, path, body):
+    """service_tier priority (up to 2x the standard prices upstream), flex (half) or scale would
+    be billed at the catalog's standard prices: 400 before admission, nothing sent or held;
+    auto, default or none pass."""
+    _app, client, acct = relay
+    fake_reset(upstream)
+    for tier in ("priority", "flex", "scale", "PRIORITY", 7, ["auto"]):
+        r = client.post(path, json={**body, "service_tier": tier}, headers=bearer(acct))
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "unsupported_parameter", tier
+        assert "service_tier" in r.get_json()["error"]["message"]
+    assert fake_stats(upstream)["requests"] == 0
+    assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+    for tier in ("auto", "default", None):
+        r = client.post(path, json={**body, "service_tier": tier}, headers=bearer(acct))
+        assert r.status_code == 200, tier
+    assert [rec.status for rec in records()] == ["ok"] * 3
+    assert_consistent(acct.user_id)
+
+
 def test_depth_counts_containers_not_brackets_inside_strings(relay):
     """128 levels (the top-level object included) pass, and brackets in text are only text:
     a coding agent's request full of code is not refused as too deep."""

@@ -295,9 +295,8 @@ _DELETE_INFLIGHT = Prepared(delete(_I).where(_I.c.record_id == bindparam("p_id")
 _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "cache_write_5m_tokens",
                     "cache_write_1h_tokens", "cache_read_tokens", "web_searches", "input_price",
                     "output_price", "cache_write_5m_price", "cache_write_1h_price", "cache_read_price",
-                    "official_cost_pico",
-                    "charge_micros", "latency_ms", "ttfb_ms", "attempts", "channel_id", "upstream_request_id",
-                    "error", "delivered_chars", "settled_at")
+                    "official_cost_pico", "charge_micros", "latency_ms", "ttfb_ms", "attempts", "channel_id",
+                    "upstream_request_id", "error", "delivered_chars", "settled_at")
 _SETTLE_RECORD = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
                           .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
                           .returning(_U.c.id))
@@ -619,7 +618,8 @@ def reconcile(limit: int = 500) -> int:
     settled = 0
     for r in rows:
         # The record's (regular) prices, with the model's long-context tier, if it has one.
-        tier = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS, "long_output_ppm": r[18] or MICROS}
+        tier = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS,
+                "long_output_ppm": r[18] or MICROS}
         adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12], **tier), r[12], r[13])
         tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0))
         latency = int((utcnow() - r[15]).total_seconds() * 1000)

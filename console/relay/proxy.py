@@ -27,6 +27,7 @@ from console.relay.auth import Caller, ModelInfo
 from console.relay.errors import RelayError
 from console.relay.metering import Admission, Outcome
 from console.relay.protocols import (
+    CHAT,
     MESSAGES,
     RESPONSES,
     UNBELIEVABLE_USAGE,
@@ -129,6 +130,11 @@ def _release_session() -> None:
         db.session.close()
 
 
+# OpenAI processing tiers the catalog prices: the standard one ("auto" is the project's
+# default, which on the channels' accounts is standard).
+STANDARD_SERVICE_TIERS = frozenset({"auto", "default"})
+
+
 def relay_call(call: Call) -> Reply:
     """Admit, forward and bill one call (chat, responses, messages, embeddings)."""
     if call.surface is RESPONSES and call.body.get("background") is True:
@@ -136,6 +142,14 @@ def relay_call(call: Call) -> Reply:
         # channel's account: the relay bills a call when it ends and would never see that end.
         raise RelayError(400, "Background responses are not supported here: send the request without "
                               "'background' (streaming is supported).", code="unsupported_parameter")
+    tier = call.body.get("service_tier")
+    if call.surface in (CHAT, RESPONSES) and tier is not None and not (
+            isinstance(tier, str) and tier in STANDARD_SERVICE_TIERS):
+        # Priority processing costs the channel up to 2x the standard prices and flex half of
+        # them; the catalog lists standard prices, which would bill either wrongly.
+        shown = repr(tier)[:40] if isinstance(tier, str) else "that value"
+        raise RelayError(400, f"service_tier {shown} is not offered here: calls are billed at standard "
+                              "prices; send 'auto' or 'default', or leave it out.", code="unsupported_parameter")
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
