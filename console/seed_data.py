@@ -77,12 +77,14 @@ FAQ = [
     ("which-clients", "Which apps and tools can I use with my key?",
      "Any client of the OpenAI or Anthropic API: set its base URL to this site's `/v1` and use "
      "your key.\n\n- **SDKs**: OpenAI (`base_url=\".../v1\"`) and Anthropic (`base_url=\"...\"`).\n"
-     "- **Claude Code**: `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY`.\n"
+     "- **Claude Code**: `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (fast mode, `/fast`, is "
+     "not offered: leave it off).\n"
      "- **Codex CLI**: a model provider with `base_url` and `wire_api = \"responses\"`; "
      "compressed requests (zstd, gzip) are accepted.\n"
      "- **Chat apps in the browser** may call the API directly with your key (cross-origin "
-     "requests are allowed on `/v1`).\n\nThe **Dashboard** shows the base URL; the models your "
-     "key may use are listed at `/v1/models`."),
+     "requests are allowed on `/v1`).\n\nPriority or flex processing (`service_tier`) and "
+     "background responses are not offered. The **Dashboard** shows the base URL; the models "
+     "your key may use are listed at `/v1/models`."),
     ("partial-calls", "What am I charged when a call fails or is cut short?",
      "| what happened | charged |\n|---|---|\n"
      "| the upstream succeeded and reported usage | exactly that usage |\n"

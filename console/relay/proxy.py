@@ -150,6 +150,12 @@ def relay_call(call: Call) -> Reply:
         shown = repr(tier)[:40] if isinstance(tier, str) else "that value"
         raise RelayError(400, f"service_tier {shown} is not offered here: calls are billed at standard "
                               "prices; send 'auto' or 'default', or leave it out.", code="unsupported_parameter")
+    speed = call.body.get("speed")
+    if call.surface is MESSAGES and speed is not None and speed != "standard":
+        # Anthropic's fast mode (Claude Code's /fast) costs the channel 2-6x the standard prices.
+        shown = repr(speed)[:40] if isinstance(speed, str) else "that value"
+        raise RelayError(400, f"speed {shown} (fast mode) is not offered here: calls are billed at standard "
+                              "prices; send 'standard' or leave it out.", code="unsupported_parameter")
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
