@@ -498,21 +498,26 @@ def test_a_processing_tier_the_catalog_does_not_price_is_refused(relay, upstream
     assert_consistent(acct.user_id)
 
 
-def test_fast_mode_is_refused_because_standard_prices_would_bill_it(relay, upstream):
-    """speed "fast" (Anthropic's fast mode, 2-6x the standard prices): 400 in Anthropic's shape
-    before admission, nothing sent or held; "standard" or no speed pass."""
+@pytest.mark.parametrize("field, refused, passed", [
+    ("speed", ("fast", "FAST", 2, {"mode": "fast"}), ("standard", None)),
+    ("inference_geo", ("us", "eu", ["us"]), ("global", None)),
+], ids=["fast-mode", "us-only"])
+def test_messages_options_priced_above_standard_are_refused(relay, upstream, field, refused, passed):
+    """speed "fast" (Anthropic's fast mode, 2-6x the standard prices) and inference_geo "us"
+    (1.1x): 400 in Anthropic's shape before admission, nothing sent or held; the standard
+    value or none pass."""
     _app, client, acct = relay
     fake_reset(upstream)
     headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01", "anthropic-beta": "fast-mode-2026-02-01"}
     body = {"model": "claude-haiku-4-5", "max_tokens": 20, "messages": HI}
-    for speed in ("fast", "FAST", 2, {"mode": "fast"}):
-        r = client.post("/v1/messages", json={**body, "speed": speed}, headers=headers)
-        assert r.status_code == 400, speed
-        assert r.get_json()["type"] == "error" and "fast mode" in r.get_json()["error"]["message"]
+    for value in refused:
+        r = client.post("/v1/messages", json={**body, field: value}, headers=headers)
+        assert r.status_code == 400, value
+        assert r.get_json()["type"] == "error" and r.get_json()["error"]["message"].startswith(field)
     assert fake_stats(upstream)["requests"] == 0
     assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
-    for speed in ("standard", None):
-        assert client.post("/v1/messages", json={**body, "speed": speed}, headers=headers).status_code == 200
+    for value in passed:
+        assert client.post("/v1/messages", json={**body, field: value}, headers=headers).status_code == 200
     assert_consistent(acct.user_id)
 
 

@@ -130,9 +130,25 @@ def _release_session() -> None:
         db.session.close()
 
 
-# OpenAI processing tiers the catalog prices: the standard one ("auto" is the project's
-# default, which on the channels' accounts is standard).
-STANDARD_SERVICE_TIERS = frozenset({"auto", "default"})
+# Request options with which the provider charges other than the catalog's standard prices:
+# (surfaces, field, the values priced as standard, what the others cost). Refused, not
+# stripped, so a client is told plainly what it does not get.
+_UNPRICED_OPTIONS = (
+    ((CHAT, RESPONSES), "service_tier", ("auto", "default"),
+     "priority processing costs up to 2x the standard prices, flex half of them"),
+    ((MESSAGES,), "speed", ("standard",), "fast mode costs 2-6x the standard prices"),
+    ((MESSAGES,), "inference_geo", ("global",), "US-only inference costs 1.1x the standard prices"),
+)
+
+
+def _refuse_unpriced_options(call: Call) -> None:
+    for surfaces, name, standard, why in _UNPRICED_OPTIONS:
+        value = call.body.get(name)
+        if call.surface in surfaces and value is not None and not (isinstance(value, str) and value in standard):
+            shown = repr(value)[:40] if isinstance(value, str) else "that value"
+            allowed = " or ".join(f"'{v}'" for v in standard)
+            raise RelayError(400, f"{name} {shown} is not offered here: calls are billed at standard prices "
+                                  f"({why}); send {allowed} or leave it out.", code="unsupported_parameter")
 
 
 def relay_call(call: Call) -> Reply:
@@ -142,20 +158,7 @@ def relay_call(call: Call) -> Reply:
         # channel's account: the relay bills a call when it ends and would never see that end.
         raise RelayError(400, "Background responses are not supported here: send the request without "
                               "'background' (streaming is supported).", code="unsupported_parameter")
-    tier = call.body.get("service_tier")
-    if call.surface in (CHAT, RESPONSES) and tier is not None and not (
-            isinstance(tier, str) and tier in STANDARD_SERVICE_TIERS):
-        # Priority processing costs the channel up to 2x the standard prices and flex half of
-        # them; the catalog lists standard prices, which would bill either wrongly.
-        shown = repr(tier)[:40] if isinstance(tier, str) else "that value"
-        raise RelayError(400, f"service_tier {shown} is not offered here: calls are billed at standard "
-                              "prices; send 'auto' or 'default', or leave it out.", code="unsupported_parameter")
-    speed = call.body.get("speed")
-    if call.surface is MESSAGES and speed is not None and speed != "standard":
-        # Anthropic's fast mode (Claude Code's /fast) costs the channel 2-6x the standard prices.
-        shown = repr(speed)[:40] if isinstance(speed, str) else "that value"
-        raise RelayError(400, f"speed {shown} (fast mode) is not offered here: calls are billed at standard "
-                              "prices; send 'standard' or leave it out.", code="unsupported_parameter")
+    _refuse_unpriced_options(call)
     est = metering.estimate(call.body)
     metering.check_rate(call.caller)
     routes = _candidates(call)
