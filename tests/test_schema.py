@@ -113,24 +113,22 @@ def test_postgres_generic_plans_migration_goes_down_and_up():
         engine.dispose()
 
 
-def test_usage_index_migration_goes_down_and_up(db_url):
-    """Migration 0004 is reversible on both databases: down to 0003 the (user_id, id) index is
-    back, up again it is gone and the schema equals the models'."""
+def _inspected(db_url: str, read):
+    """read(inspector) on an engine of its own."""
     from sqlalchemy import inspect
 
-    def usage_indexes():
-        engine = create_engine(db_url)
-        try:
-            return {ix["name"] for ix in inspect(engine).get_indexes("usage_records")}
-        finally:
-            engine.dispose()
+    engine = create_engine(db_url)
+    try:
+        return read(inspect(engine))
+    finally:
+        engine.dispose()
 
-    migrate(db_url)
-    assert "ix_usage_user_id_desc" not in usage_indexes()
-    flask_cli(db_url, "db", "downgrade", "0003")
-    assert "ix_usage_user_id_desc" in usage_indexes()
-    flask_cli(db_url, "db", "upgrade")
-    assert "ix_usage_user_id_desc" not in usage_indexes()
+
+def _columns(db_url: str, table: str) -> set[str]:
+    return _inspected(db_url, lambda i: {c["name"] for c in i.get_columns(table)})
+
+
+def _assert_schema_is_the_models(db_url: str) -> None:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -139,12 +137,25 @@ def test_usage_index_migration_goes_down_and_up(db_url):
         engine.dispose()
 
 
+def test_usage_index_migration_goes_down_and_up(db_url):
+    """Migration 0004 is reversible on both databases: down to 0003 the (user_id, id) index is
+    back, up again it is gone and the schema equals the models'."""
+    def usage_indexes():
+        return _inspected(db_url, lambda i: {ix["name"] for ix in i.get_indexes("usage_records")})
+
+    migrate(db_url)
+    assert "ix_usage_user_id_desc" not in usage_indexes()
+    flask_cli(db_url, "db", "downgrade", "0003")
+    assert "ix_usage_user_id_desc" in usage_indexes()
+    flask_cli(db_url, "db", "upgrade")
+    assert "ix_usage_user_id_desc" not in usage_indexes()
+    _assert_schema_is_the_models(db_url)
+
+
 def test_web_search_migration_goes_down_and_up_keeping_records(db_url):
     """Migration 0005 is reversible on both databases, and a record written before it reads as
     a call with no search (0 searches at $0) once it is applied again."""
     from datetime import timedelta
-
-    from sqlalchemy import inspect
 
     from console.models import ModelPrice, UsageRecord, utcnow
 
@@ -161,16 +172,9 @@ def test_web_search_migration_goes_down_and_up_keeping_records(db_url):
         db.session.remove()
         db.engine.dispose()
 
-    def columns(table):
-        engine = create_engine(db_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns(table)}
-        finally:
-            engine.dispose()
-
     flask_cli(db_url, "db", "downgrade", "0004")
-    assert not {"web_searches", "web_search_price"} & columns("usage_records")
-    assert "web_search_price" not in columns("model_prices")
+    assert not {"web_searches", "web_search_price"} & _columns(db_url, "usage_records")
+    assert "web_search_price" not in _columns(db_url, "model_prices")
     flask_cli(db_url, "db", "upgrade")
     engine = create_engine(db_url)
     try:
@@ -178,32 +182,18 @@ def test_web_search_migration_goes_down_and_up_keeping_records(db_url):
             assert conn.execute(text("SELECT input_tokens, web_searches, web_search_price FROM usage_records"
                                      " WHERE request_id = 'req_old'")).one() == (1000, 0, 0)
             assert conn.execute(text("SELECT web_search_price FROM model_prices")).scalar_one() is None
-            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
     finally:
         engine.dispose()
+    _assert_schema_is_the_models(db_url)
 
 
 def test_long_context_migration_goes_down_and_up(db_url):
     """Migration 0006 is reversible on both databases: down to 0005 the tier columns are gone,
     up again the schema equals the models'."""
-    from sqlalchemy import inspect
-
-    def columns():
-        engine = create_engine(db_url)
-        try:
-            return {c["name"] for c in inspect(engine).get_columns("model_prices")}
-        finally:
-            engine.dispose()
-
     tier = {"long_context_threshold", "long_context_input_ppm", "long_context_output_ppm"}
     migrate(db_url)
-    assert tier <= columns()
+    assert tier <= _columns(db_url, "model_prices")
     flask_cli(db_url, "db", "downgrade", "0005")
-    assert not tier & columns()
+    assert not tier & _columns(db_url, "model_prices")
     flask_cli(db_url, "db", "upgrade")
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
-    finally:
-        engine.dispose()
+    _assert_schema_is_the_models(db_url)
