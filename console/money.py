@@ -87,6 +87,12 @@ def charge_micros(official_pico_usd: int, multiplier_ppm: int) -> int:
     return round_half_up_div(official_pico_usd * multiplier_ppm, PICO_PER_MICRO_CREDIT)
 
 
+def scaled_price(price_micro_usd: int, ratio_ppm: int) -> int:
+    """A unit price × a ratio (ppm), as a tier's price (pricing.Prices.for_input): rounded
+    half-up to the micro-USD, the unit prices are stored in."""
+    return round_half_up_div(price_micro_usd * ratio_ppm, MICROS)
+
+
 # ---- formatting (the Jinja filters call these) ----------------------------------------
 
 def _group_thousands(n: int) -> str:

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from console.money import MICROS, charge_micros, format_fixed, format_multiplier, format_usd_micros, format_usd_pico
+from console.money import (
+    MICROS,
+    charge_micros,
+    format_fixed,
+    format_multiplier,
+    format_usd_micros,
+    format_usd_pico,
+    scaled_price,
+)
 
 TOKEN_CLASSES = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 CLASS_LABELS = {
@@ -41,10 +49,10 @@ class Prices:
         if not self.long_threshold or input_side_tokens <= self.long_threshold:
             return replace(self, long_threshold=0) if self.long_threshold else self
         up, out = self.long_input_ppm, self.long_output_ppm
-        return Prices(input=_scaled(self.input, up), output=_scaled(self.output, out),
-                      cache_write_5m=_scaled(self.cache_write_5m, up),
-                      cache_write_1h=_scaled(self.cache_write_1h, up),
-                      cache_read=_scaled(self.cache_read, up),
+        return Prices(input=scaled_price(self.input, up), output=scaled_price(self.output, out),
+                      cache_write_5m=scaled_price(self.cache_write_5m, up),
+                      cache_write_1h=scaled_price(self.cache_write_1h, up),
+                      cache_read=scaled_price(self.cache_read, up),
                       per_call=self.per_call, web_search=self.web_search)
 
     @classmethod
@@ -69,11 +77,6 @@ class Prices:
         return cls(rec.input_price, rec.output_price, rec.cache_write_5m_price,
                    rec.cache_write_1h_price, rec.cache_read_price, rec.per_call_price,
                    rec.web_search_price)
-
-
-def _scaled(price: int, ppm: int) -> int:
-    """A unit price × a tier's ratio, rounded half-up to the micro-USD per 1M tokens."""
-    return (price * ppm + MICROS // 2) // MICROS
 
 
 @dataclass(frozen=True)
