@@ -1321,7 +1321,7 @@ def test_a_remembered_key_moved_to_another_group_is_billed_in_it_at_once(relay):
     assert rec.charge_micros == recomputed(rec)
 
 
-def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0):
+def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0, web_searches: int = 0):
     from console.relay.auth import authenticate, resolve_model
     from console.relay.metering import admit, checkpoint, estimate, new_request_id
 
@@ -1331,7 +1331,7 @@ def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0):
                 est=estimate({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 400}]}),
                 client_ip=None)
     if delivered_chars:
-        checkpoint(adm.record_id, delivered_chars)
+        checkpoint(adm.record_id, delivered_chars, web_searches)
     with write_tx():
         db.session.execute(update(UsageRecord).where(UsageRecord.id == adm.record_id)
                            .values(deadline_at=utcnow() + deadline_in))
@@ -1353,6 +1353,39 @@ def test_reconcile_settles_stale_records_once(relay):
     assert rec.charge_micros == recomputed(rec) > 0
     assert wallet(acct.user_id).held_micros == fresh.hold_micros
     assert ledger.verify() == []
+
+
+def test_a_long_stream_checkpoints_its_searches_for_the_reconciler(relay, upstream):
+    """While a Responses stream with 2 searches runs, its pending record's checkpoint holds the
+    searches delivered so far (what a reconciler would bill after a crash)."""
+    _app, client, acct = relay
+    scenario(upstream, "web_searches=2;chunks=8;delay_ms=60")
+    path, body = SEARCH_CALLS["responses"]
+    r = client.post(path, json={**body, "stream": True}, headers=bearer(acct), buffered=False)
+    seen, checkpointed = b"", None
+    for chunk in r.response:  # each step lets the stream run on, and checkpoint when it is due
+        seen += chunk
+        rec = only_record()
+        if rec.status == "pending" and rec.web_searches:
+            checkpointed = (rec.web_searches, rec.delivered_chars > 0)
+    r.close()
+    assert b"response.completed" in seen
+    assert checkpointed == (2, True)
+    rec = only_record()
+    assert (rec.status, rec.web_searches) == ("ok", 2)
+    assert_consistent(acct.user_id)
+
+
+def test_reconcile_bills_the_checkpointed_web_searches(relay):
+    """A crashed stream had checkpointed 40 characters and 2 web searches: the reconciler bills
+    both, the searches at the price the record was admitted with."""
+    _app, _client, acct = relay
+    stale = _pending(acct, deadline_in=-timedelta(seconds=1), delivered_chars=40, web_searches=2)
+    assert reconcile() == 1
+    rec = db.session.get(UsageRecord, stale.record_id)
+    assert (rec.output_tokens, rec.web_searches, rec.web_search_price) == (10, 2, SEARCH_PRICE)
+    assert rec.charge_micros == recomputed(rec) > 2 * SEARCH_PRICE * 3 // 10
+    assert_consistent(acct.user_id)
 
 
 def test_reconcile_prices_a_long_prompt_at_its_models_tier(relay):

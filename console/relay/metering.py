@@ -15,7 +15,8 @@ Billing policy (the FAQ explains it to users; tests check it row by row):
 | stream or reply ended without usage (or with a  | estimated from the request and the text     | ok / estimated       |
 |   count beyond protocols.MAX_REPORTED_TOKENS)   |   delivered, + the web searches it shows    |                      |
 | worker crashed mid-call                         | reconciler, after the deadline: estimated   | partial / estimated  |
-|                                                 |   input + output checkpointed so far        |                      |
+|                                                 |   input + output and web searches           |                      |
+|                                                 |   checkpointed so far                       |                      |
 
 Estimates: output tokens = max(deltas delivered, ⌈characters delivered / 4⌉); input tokens =
 ⌈characters of the request's text / 4⌉ + 1,000 per image or file part.
@@ -304,7 +305,8 @@ _KEY_SPENT = Prepared(update(_K).where(_K.c.id == bindparam("p_key"))
                       .values(spent_micros=_K.c.spent_micros + bindparam("p_charge"),
                               last_used_at=bindparam("p_now", type_=_K.c.last_used_at.type)))
 _CHECKPOINT = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
-                       .values(delivered_chars=bindparam("delivered_chars")))
+                       .values(delivered_chars=bindparam("delivered_chars"),
+                               web_searches=bindparam("web_searches")))
 
 
 # ---- admission ----------------------------------------------------------------------------
@@ -589,9 +591,10 @@ def _settle_pg(adm: Admission, record: dict, charge: int, now) -> bool:
     return bool(claimed)
 
 
-def checkpoint(record_id: int, delivered_chars: int) -> None:
-    """Progress of a long stream, so a reconciler after a crash bills the output delivered."""
-    params = {"p_id": record_id, "delivered_chars": delivered_chars}
+def checkpoint(record_id: int, delivered_chars: int, web_searches: int = 0) -> None:
+    """Progress of a long stream, so a reconciler after a crash bills the output and the web
+    searches delivered."""
+    params = {"p_id": record_id, "delivered_chars": delivered_chars, "web_searches": web_searches}
     if db.engine.dialect.name == "postgresql":
         with raw_tx(write=False) as tx:
             tx.execute(_CHECKPOINT, params)
@@ -609,7 +612,7 @@ def reconcile(limit: int = 500) -> int:
                UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.web_search_price,
                UsageRecord.multiplier_ppm, UsageRecord.input_tokens, UsageRecord.delivered_chars,
                UsageRecord.created_at, ModelPrice.long_context_threshold, ModelPrice.long_context_input_ppm,
-               ModelPrice.long_context_output_ppm)
+               ModelPrice.long_context_output_ppm, UsageRecord.web_searches)
         .outerjoin(ModelPrice, ModelPrice.name == UsageRecord.model)
         .where(UsageRecord.status == "pending", UsageRecord.deadline_at < utcnow())
         .order_by(UsageRecord.id).limit(limit)
@@ -621,7 +624,7 @@ def reconcile(limit: int = 500) -> int:
         tier = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS,
                 "long_output_ppm": r[18] or MICROS}
         adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12], **tier), r[12], r[13])
-        tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0))
+        tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0), web_searches=r[19])
         latency = int((utcnow() - r[15]).total_seconds() * 1000)
         out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[14],
                       error="not settled by its worker (crash or restart); settled by the reconciler")

@@ -360,11 +360,11 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
                 if now > deadline:
                     broke = "total deadline exceeded"
                     break
-                if now > next_checkpoint and meter.chars:
+                if now > next_checkpoint and (meter.chars or meter.searches_seen):
                     next_checkpoint = now + checkpoint_every
                     with app.app_context():
                         try:
-                            metering.checkpoint(adm.record_id, meter.chars)
+                            metering.checkpoint(adm.record_id, meter.chars, meter.searches_seen)
                         except Exception:  # progress only: a busy database must not cut the stream
                             app.logger.warning("checkpoint skipped for %s", adm.request_id, exc_info=True)
             else:
