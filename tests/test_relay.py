@@ -1004,6 +1004,28 @@ def test_the_search_hold_can_be_refused_for_balance(relay):
     assert_consistent(acct.user_id)
 
 
+@pytest.mark.parametrize("item, counted", [
+    ({"type": "web_search_call", "status": "completed", "action": {"type": "search", "query": "q"}}, True),
+    ({"type": "web_search_call", "status": "completed"}, True),  # web_search_preview: no action
+    ({"type": "web_search_call", "status": "in_progress", "action": {"type": "search"}}, True),
+    ({"type": "web_search_call", "status": "failed", "action": {"type": "search"}}, False),
+    ({"type": "web_search_call", "status": "completed", "action": {"type": "open_page", "url": "u"}}, False),
+    ({"type": "web_search_call", "status": "completed", "action": {"type": "find_in_page"}}, False),
+    ({"type": "web_search_call", "status": "completed", "action": "search"}, False),
+    ({"type": "web_search_tool_result", "content": [{"type": "web_search_result"}]}, True),
+    ({"type": "web_search_tool_result", "content": []}, True),
+    ({"type": "web_search_tool_result", "content": {"type": "web_search_tool_result_error"}}, False),
+    ({"type": "server_tool_use", "name": "web_search"}, False),
+    ({"type": "message"}, False), ("web_search_call", False), (None, False),
+])
+def test_a_search_is_counted_as_the_providers_bill_it(item, counted):
+    """OpenAI bills web_search_call items whose action is a search (open_page and find_in_page
+    are free), Anthropic each web_search_tool_result that holds results; failed ones are free."""
+    from console.relay.protocols import ran_search
+
+    assert ran_search(item) is counted
+
+
 @pytest.mark.parametrize("tools, bound", [
     ([{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], 3),
     ([{"type": "web_search_20250305", "name": "web_search"}], 10),

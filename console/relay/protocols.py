@@ -128,10 +128,12 @@ WEB_SEARCH_RESULT_BLOCK = "web_search_tool_result"
 
 def ran_search(item) -> bool:
     """A web_search_call item or a web_search_tool_result block of a search that ran: a failed
-    search is not billed by either provider."""
+    search is not billed by either provider, nor are OpenAI's other web actions (open_page,
+    find_in_page); an item without an action (the preview tool's) is a search."""
     item = _dict(item)
     if item.get("type") == WEB_SEARCH_ITEM:
-        return item.get("status") != "failed"
+        action = item.get("action")
+        return item.get("status") != "failed" and (action is None or _dict(action).get("type") == "search")
     return item.get("type") == WEB_SEARCH_RESULT_BLOCK and isinstance(item.get("content"), list)
 
 
