@@ -44,6 +44,8 @@ text-generating ones (chat completions, responses, messages):
   failed_searches=N  of those, the last N failed (a failed web_search_call; a
                      web_search_tool_result whose content is an error), which providers do
                      not bill
+  standard_only=1    report service_tier "default" even when priority or flex was asked for
+                     (OpenAI; otherwise the tier asked for is reported)
 
 Token counting is deliberately simple and deterministic. Input tokens = the
 characters of every string reached through the keys messages, system, input,
@@ -104,6 +106,7 @@ _KNOBS = frozenset(
         "gzip",
         "web_searches",
         "failed_searches",
+        "standard_only",
     )
 )
 _TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "content", "text")
@@ -184,6 +187,15 @@ def _search_blocks(call):
         )
         blocks.append({"type": "web_search_tool_result", "tool_use_id": tool_id, "content": content})
     return blocks
+
+
+def _served_tier(call):
+    """OpenAI's reported processing tier: the one asked for (priority, flex), else default;
+    standard_only=1 serves every call at default, as when priority capacity is exhausted."""
+    asked = call.body.get("service_tier")
+    if call.sc.get("standard_only") or asked not in ("priority", "flex"):
+        return "default"
+    return asked
 
 
 def _split(text, parts):
@@ -579,7 +591,7 @@ class FakeUpstream:
             "object": "chat.completion.chunk" if body.get("stream") else "chat.completion",
             "created": int(time.time()),
             "model": call.model,
-            "service_tier": "default",
+            "service_tier": _served_tier(call),
             "system_fingerprint": "fp_fake",
         }
         if not body.get("stream"):
@@ -674,6 +686,7 @@ class FakeUpstream:
                 "top_p": body.get("top_p", 1.0),
                 "truncation": "disabled",
                 "usage": usage,
+                "service_tier": _served_tier(call),
                 "user": None,
                 "metadata": body.get("metadata") or {},
             }

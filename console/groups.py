@@ -136,6 +136,9 @@ def _classes(model: ModelPrice) -> list[tuple[str, str]]:
     if model.long_context_threshold:
         above = f"above {model.long_context_threshold:,} input tokens"
         out += [("long_input", f"input {above}"), ("long_output", f"output {above}")]
+    for tier, ppm in (("priority", model.priority_ppm), ("flex", model.flex_ppm)):
+        if ppm:
+            out += [(f"{tier}_input", f"input, {tier} tier"), (f"{tier}_output", f"output, {tier} tier")]
     if model.web_search_price:
         out.append(("web_search", WEB_SEARCH_LABEL))
     return out
@@ -148,12 +151,15 @@ SEARCHES_SHOWN = 1000
 
 
 def _official(prices: pricing.Prices, cls: str) -> int:
-    """Micro-USD per 1M tokens (of the long-context tier for long_*), per call, or per
-    SEARCHES_SHOWN searches."""
+    """Micro-USD per 1M tokens (of the long-context or a processing tier for long_*,
+    priority_*, flex_*), per call, or per SEARCHES_SHOWN searches."""
     if cls == "web_search":
         return prices.web_search * SEARCHES_SHOWN
-    if cls.startswith("long_"):
-        return getattr(prices.for_input(prices.long_threshold + 1), cls.removeprefix("long_"))
+    tier, _, base = cls.partition("_")
+    if tier == "long":
+        return getattr(prices.for_input(prices.long_threshold + 1), base)
+    if tier in ("priority", "flex"):
+        return getattr(prices.for_service(tier), base)
     return getattr(prices, cls)
 
 
@@ -338,15 +344,18 @@ def get_model(model_id: int) -> ModelPrice:
 
 PRICE_FIELDS = ("input_price", "output_price", "cache_write_5m_price", "cache_write_1h_price",
                 "cache_read_price", "per_call_price", "web_search_price")
-LONG_CONTEXT_FIELDS = ("long_context_threshold", "long_context_input_ppm", "long_context_output_ppm")
+# Price ratios (ppm): the long-context tier's (empty: 1x) and the processing tiers' (empty:
+# the tier is refused); see pricing.Prices.
+RATIO_FIELDS = ("long_context_input_ppm", "long_context_output_ppm", "priority_ppm", "flex_ppm")
+TIER_FIELDS = ("long_context_threshold", *RATIO_FIELDS)
 
 
-def _long_context(form: dict, errors: dict[str, str]) -> dict:
-    """The long-context tier: a threshold (empty: none) and its two ratios (empty: 1x)."""
+def _tiers(form: dict, errors: dict[str, str]) -> dict:
+    """The long-context threshold (empty: none) and the price ratios."""
     text = (form.get("long_context_threshold") or "").strip()
     out = {"long_context_threshold": None if not text else
            _int(text, "long_context_threshold", errors, 1, 100_000_000)}
-    for field in ("long_context_input_ppm", "long_context_output_ppm"):
+    for field in RATIO_FIELDS:
         raw = (form.get(field) or "").strip()
         out[field] = None
         if raw:
@@ -374,7 +383,7 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         "cache_read_price": _usd(form.get("cache_read_price"), "cache_read_price", errors, optional=True),
         "per_call_price": _usd(form.get("per_call_price"), "per_call_price", errors, optional=True),
         "web_search_price": _usd(form.get("web_search_price"), "web_search_price", errors, optional=True),
-        **_long_context(form, errors),
+        **_tiers(form, errors),
         "max_output_tokens": _int(form.get("max_output_tokens"), "max_output_tokens", errors, 1, 10_000_000),
         "context_window": _int(form.get("context_window"), "context_window", errors, 1, 100_000_000),
         "sort_order": _int(form.get("sort_order") or "0", "sort_order", errors, -100_000, 100_000),
@@ -387,7 +396,7 @@ def save_model(model_id: int | None, form: dict, *, actor_id: int) -> ModelPrice
         raise CatalogInputError(errors)
     with write_tx():
         model = ModelPrice() if model_id is None else get_model(model_id)
-        audited = ("name", *PRICE_FIELDS, *LONG_CONTEXT_FIELDS)
+        audited = ("name", *PRICE_FIELDS, *TIER_FIELDS)
         before = None if model_id is None else {f: getattr(model, f) for f in audited}
         for field, value in values.items():
             setattr(model, field, value)

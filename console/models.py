@@ -188,6 +188,10 @@ class ModelPrice(db.Model):
     long_context_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
     long_context_input_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     long_context_output_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # OpenAI processing tiers (pricing.Prices.for_service): every token price × this ratio when
+    # the provider served the call at priority or flex; empty: the tier is refused.
+    priority_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    flex_ppm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_output_tokens: Mapped[int] = mapped_column(Integer, default=8192)
     context_window: Mapped[int] = mapped_column(Integer, default=128000)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)

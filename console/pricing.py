@@ -43,6 +43,25 @@ class Prices:
     long_threshold: int = 0
     long_input_ppm: int = MICROS
     long_output_ppm: int = MICROS
+    # OpenAI processing tiers (service_tier): every token price × the tier's ratio; 0 = the
+    # tier is not offered (the relay refuses a request for it).
+    priority_ppm: int = 0
+    flex_ppm: int = 0
+
+    def offers(self, service_tier: str) -> bool:
+        return bool({"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier))
+
+    def for_service(self, service_tier: str) -> "Prices":
+        """The prices of a call the provider served at this processing tier; a tier without a
+        ratio (or the standard one) keeps the standard prices."""
+        ppm = {"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier)
+        base = replace(self, priority_ppm=0, flex_ppm=0) if self.priority_ppm or self.flex_ppm else self
+        if not ppm:
+            return base
+        return replace(base, input=scaled_price(self.input, ppm), output=scaled_price(self.output, ppm),
+                       cache_write_5m=scaled_price(self.cache_write_5m, ppm),
+                       cache_write_1h=scaled_price(self.cache_write_1h, ppm),
+                       cache_read=scaled_price(self.cache_read, ppm))
 
     def for_input(self, input_side_tokens: int) -> "Prices":
         """The flat prices of a call with this many input-side tokens (its tier's)."""
@@ -69,6 +88,8 @@ class Prices:
             long_threshold=model.long_context_threshold or 0,
             long_input_ppm=model.long_context_input_ppm or MICROS,
             long_output_ppm=model.long_context_output_ppm or MICROS,
+            priority_ppm=model.priority_ppm or 0,
+            flex_ppm=model.flex_ppm or 0,
         )
 
     @classmethod
@@ -89,6 +110,7 @@ class Tokens:
     cache_write_1h: int = 0
     cache_read: int = 0
     web_searches: int = 0
+    service_tier: str = ""  # the processing tier the provider reports it served the call at
 
     @classmethod
     def of_record(cls, rec) -> "Tokens":
@@ -133,7 +155,7 @@ class Quote:
 def quote(tokens: Tokens, prices: Prices, multiplier_ppm: int) -> Quote:
     """Official cost in pico-USD (tokens × micro-USD-per-1M is exact) × multiplier, rounded once.
     The quote's prices are the flat prices of the call's tier (a record stores those)."""
-    prices = prices.for_input(tokens.input_side)
+    prices = prices.for_service(tokens.service_tier).for_input(tokens.input_side)
     terms = tuple(
         (c, getattr(tokens, c), getattr(prices, c))
         for c in TOKEN_CLASSES
@@ -147,12 +169,13 @@ def quote(tokens: Tokens, prices: Prices, multiplier_ppm: int) -> Quote:
 
 
 def max_charge(prices: Prices, multiplier_ppm: int, input_tokens_max: int, output_tokens_max: int,
-               web_searches_max: int = 0) -> int:
+               web_searches_max: int = 0, service_tier: str = "") -> int:
     """Upper bound of a call's charge, for the admission hold: every input token is priced at
     the dearest input class (a cache write costs more than plain input)."""
     dearest_input = max(prices.input, prices.cache_write_5m, prices.cache_write_1h, prices.cache_read)
     bound = replace(prices, input=dearest_input, cache_write_5m=0, cache_write_1h=0, cache_read=0)
-    usage = Tokens(input=input_tokens_max, output=output_tokens_max, web_searches=web_searches_max)
+    usage = Tokens(input=input_tokens_max, output=output_tokens_max, web_searches=web_searches_max,
+                   service_tier=service_tier)
     return quote(usage, bound, multiplier_ppm).charge_micros
 
 

@@ -82,8 +82,9 @@ FAQ = [
      "- **Codex CLI**: a model provider with `base_url` and `wire_api = \"responses\"`; "
      "compressed requests (zstd, gzip) are accepted.\n"
      "- **Chat apps in the browser** may call the API directly with your key (cross-origin "
-     "requests are allowed on `/v1`).\n\nPriority or flex processing (`service_tier`), US-only "
-     "inference (`inference_geo`) and background responses are not offered. The **Dashboard** shows the base URL; the models "
+     "requests are allowed on `/v1`).\n\nPriority or flex processing (`service_tier`) is offered only "
+     "for models whose price list on **Pricing** shows it; US-only inference (`inference_geo`) "
+     "and background responses are not offered. The **Dashboard** shows the base URL; the models "
      "your key may use are listed at `/v1/models`."),
     ("partial-calls", "What am I charged when a call fails or is cut short?",
      "| what happened | charged |\n|---|---|\n"

@@ -162,9 +162,11 @@ def test_admin_creates_and_edits_groups_and_prices(ctx, client):
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "input_price": "1e3"}).status_code == 422
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, "web_search_price": "-1"}).status_code == 422
     for field, bad in [("long_context_threshold", "0"), ("long_context_threshold", "2e5"),
-                       ("long_context_input_ppm", "0"), ("long_context_output_ppm", "x1.5")]:
+                       ("long_context_input_ppm", "0"), ("long_context_output_ppm", "x1.5"),
+                       ("priority_ppm", "-2"), ("flex_ppm", "half")]:
         assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, field: bad}).status_code == 422, field
-    long = {"long_context_threshold": "272000", "long_context_input_ppm": "2", "long_context_output_ppm": "1.5"}
+    long = {"long_context_threshold": "272000", "long_context_input_ppm": "2", "long_context_output_ppm": "1.5",
+            "priority_ppm": "1.75"}
     assert client.post(f"/admin/catalog/models/{model.id}", data={**mform, **long}).status_code == 302
     db.session.expire_all()
     model = db.session.get(ModelPrice, model.id)
@@ -172,6 +174,7 @@ def test_admin_creates_and_edits_groups_and_prices(ctx, client):
     assert model.web_search_price == 25_000
     assert (model.long_context_threshold, model.long_context_input_ppm, model.long_context_output_ppm) == (
         272_000, 2_000_000, 1_500_000)
+    assert (model.priority_ppm, model.flex_ppm) == (1_750_000, None)
     page = client.get(f"/admin/catalog/models/{model.id}").data.decode()
     assert 'name="long_context_threshold" value="272000"' in page and 'name="long_context_output_ppm" value="1.5"' in page
     actions = list(db.session.scalars(select(AuditLog.action).where(AuditLog.action.like("catalog.%"))))

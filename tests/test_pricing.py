@@ -8,9 +8,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from console import groups, ledger, money, pricing, seed
+from console.database import write_tx
 from console.extensions import db
 from console.models import Group, ModelPrice, User
 from tests.support.web import HX, make_user
@@ -132,6 +133,37 @@ def test_tier_prices_round_half_up_to_the_micro_usd_and_bound_the_hold():
         pricing.Tokens(input=11), pricing.Prices(input=8), 1_000_000).charge_micros
     assert pricing.max_charge(prices, 1_000_000, 10, 0) == pricing.quote(
         pricing.Tokens(input=10), pricing.Prices(input=5), 1_000_000).charge_micros
+
+
+def test_a_processing_tier_scales_every_token_price_and_stacks_with_long_context():
+    """Priority ×1.75 scales input, output and cache prices (rounded half-up once each) and
+    leaves per-call and search prices alone; an unpriced or standard tier keeps the prices;
+    a long-context tier applies on top; the hold of a priority request is priced at it."""
+    prices = pricing.Prices(input=1_000_000, output=3, cache_read=2, web_search=10_000, long_threshold=10,
+                            long_input_ppm=2_000_000, long_output_ppm=1_000_000, priority_ppm=1_750_000)
+    fast = prices.for_service("priority")
+    assert (fast.input, fast.output, fast.cache_read, fast.web_search) == (1_750_000, 5, 4, 10_000)
+    assert prices.for_service("flex").input == prices.for_service("default").input == 1_000_000
+    assert prices.offers("priority") and not prices.offers("flex") and not prices.offers("scale")
+    q = pricing.quote(pricing.Tokens(input=11, service_tier="priority"), prices, 1_000_000)
+    assert q.prices.input == 3_500_000 and q.official_pico == 11 * 3_500_000
+    assert pricing.max_charge(prices, 1_000_000, 5, 0, 0, "priority") == pricing.quote(
+        pricing.Tokens(input=5), pricing.Prices(input=1_750_000), 1_000_000).charge_micros
+
+
+def test_the_pricing_page_lists_a_models_processing_tiers(seeded, client):
+    """A model with a priority ratio shows its priority prices in every group that serves it,
+    each the billing price of a call served at that tier."""
+    with write_tx():
+        db.session.execute(update(ModelPrice).where(ModelPrice.name == "gpt-5").values(priority_ppm=2_000_000))
+    model = db.session.scalar(select(ModelPrice).where(ModelPrice.name == "gpt-5"))
+    chunk = client.get("/pricing").data.decode().split(f'id="price-row-{model.id}"')[1].split("</tr>")[0]
+    group = groups.by_slug("recommended")
+    cells = dict(re.findall(r'data-group="recommended" data-price="([^"]+)">([^<]+)<', chunk))
+    assert _micros(cells["input, priority tier"]) == pricing.quote(
+        pricing.Tokens(input=1_000_000, service_tier="priority"), pricing.Prices.of(model),
+        group.multiplier_ppm).charge_micros == 750_000  # $2.50 × 0.3
+    assert _micros(cells["output, priority tier"]) == 6_000_000 and "input, flex tier" not in cells
 
 
 def test_calculator_prices_web_searches_on_top_of_tokens(seeded, client):

@@ -521,6 +521,48 @@ def test_messages_options_priced_above_standard_are_refused(relay, upstream, fie
     assert_consistent(acct.user_id)
 
 
+def processing_tiers(model: str, *, priority: int | None, flex: int | None) -> None:
+    """Price a test model's priority and flex tiers (ppm; None: refused)."""
+    from console.relay.auth import invalidate_catalog
+
+    with write_tx():
+        db.session.execute(update(ModelPrice).where(ModelPrice.name == model).values(
+            priority_ppm=priority, flex_ppm=flex))
+    db.session.remove()
+    invalidate_catalog()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),
+], ids=["chat", "responses"])
+def test_a_priced_processing_tier_is_billed_at_the_tier_the_provider_served(relay, upstream, path, body, stream):
+    """gpt-4o-mini with priority ×2 and flex ×0.5: a call served at priority is billed at twice
+    every token price, one served at flex at half, one asked at priority but served at default
+    (capacity exhausted) at the standard prices; the hold covers the dearer of the two."""
+    _app, client, acct = relay
+    processing_tiers("gpt-4o-mini", priority=2_000_000, flex=500_000)
+    for tier in ("priority", "flex"):
+        r = client.post(path, json={**body, "service_tier": tier, "stream": stream}, headers=bearer(acct))
+        assert r.status_code == 200, r.data[:300]
+    scenario(upstream, "standard_only=1")
+    processing_tiers("gpt-4o-mini", priority=2_000_000, flex=500_000)
+    r = client.post(path, json={**body, "service_tier": "priority", "stream": stream}, headers=bearer(acct))
+    assert r.status_code == 200
+    priority, flex, downgraded = records()
+    prices = lambda rec: (rec.input_price, rec.output_price, rec.cache_read_price)  # noqa: E731
+    assert prices(priority) == (300_000, 1_200_000, 150_000)
+    assert prices(flex) == (75_000, 300_000, 37_500)
+    assert prices(downgraded) == (150_000, 600_000, 75_000)
+    for rec in (priority, flex, downgraded):
+        assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
+    assert priority.hold_micros == downgraded.hold_micros > flex.hold_micros
+    assert r.status_code == 200 and client.post(path, json={**body, "service_tier": "scale"},
+                                                headers=bearer(acct)).status_code == 400
+    assert_consistent(acct.user_id)
+
+
 def test_depth_counts_containers_not_brackets_inside_strings(relay):
     """128 levels (the top-level object included) pass, and brackets in text are only text:
     a coding agent's request full of code is not refused as too deep."""

@@ -197,3 +197,13 @@ def test_long_context_migration_goes_down_and_up(db_url):
     assert not tier & _columns(db_url, "model_prices")
     flask_cli(db_url, "db", "upgrade")
     _assert_schema_is_the_models(db_url)
+
+
+def test_processing_tier_migration_goes_down_and_up(db_url):
+    """Migration 0007 is reversible on both databases."""
+    migrate(db_url)
+    assert {"priority_ppm", "flex_ppm"} <= _columns(db_url, "model_prices")
+    flask_cli(db_url, "db", "downgrade", "0006")
+    assert not {"priority_ppm", "flex_ppm"} & _columns(db_url, "model_prices")
+    flask_cli(db_url, "db", "upgrade")
+    _assert_schema_is_the_models(db_url)

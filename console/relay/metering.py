@@ -109,6 +109,7 @@ class Estimate:
     requested_output: int | None
     n: int
     web_searches: int = 0  # the most the request's web search tools may run
+    service_tier: str = ""  # the processing tier the request asks for (OpenAI)
 
 
     def input_hold_tokens(self, model: ModelInfo) -> int:
@@ -168,7 +169,9 @@ def estimate(body: dict) -> Estimate:
         if v is not None:
             requested = v if requested is None else max(requested, v)
     n = _positive_int(body, "n", 128) or 1
-    return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body))
+    tier = body.get("service_tier")
+    return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body),
+                    tier if isinstance(tier, str) else "")
 
 
 def _count_field(obj: dict, name: str) -> int | None:
@@ -328,8 +331,11 @@ class Admission:
 
 def admit(caller: Caller, model: ModelInfo, *, request_id: str, endpoint: str, stream: bool,
           est: Estimate, client_ip: str | None) -> Admission:
-    hold = max_charge(model.prices, caller.group.multiplier_ppm, est.input_hold_tokens(model),
-                      est.output_hold_tokens(model), est.web_searches)
+    bound = (model.prices, caller.group.multiplier_ppm, est.input_hold_tokens(model), est.output_hold_tokens(model),
+             est.web_searches)
+    hold = max_charge(*bound)
+    if est.service_tier:  # served at the tier asked for, or at the standard one if it is unavailable
+        hold = max(hold, max_charge(*bound, est.service_tier))
     cfg = current_app.config
     now = utcnow()
     deadline = now + timedelta(seconds=cfg["RELAY_TOTAL_DEADLINE_S"] + cfg["RECONCILE_GRACE_S"])

@@ -147,9 +147,10 @@ def searches_in(surface: Surface, obj) -> int:
 
 
 def responses_tokens(resp: dict) -> Tokens:
-    """Responses usage: its tokens, and the web searches its output shows (usage does not
-    count them)."""
-    return replace(openai_tokens(resp["usage"]), web_searches=searches_in(RESPONSES, resp))
+    """Responses usage: its tokens, the web searches its output shows (usage does not count
+    them) and the processing tier that served it."""
+    return replace(openai_tokens(resp["usage"]), web_searches=searches_in(RESPONSES, resp),
+                   service_tier=_str(resp.get("service_tier")))
 
 
 def believable(tokens: Tokens) -> bool:
@@ -164,7 +165,9 @@ def usage_from_json(surface: Surface, obj) -> Tokens | None:
     if surface is RESPONSES:
         return responses_tokens(obj)
     u = obj["usage"]
-    return anthropic_tokens(u) if surface.channel_type == "anthropic" else openai_tokens(u)
+    if surface.channel_type == "anthropic":
+        return anthropic_tokens(u)
+    return replace(openai_tokens(u), service_tier=_str(obj.get("service_tier")))
 
 
 def text_from_json(surface: Surface, obj) -> str:
@@ -233,6 +236,7 @@ class StreamMeter:
         self._final_seen = False
         # Web searches whose results reached the client, for a stream that ends before its usage.
         self.searches_seen = 0
+        self.service_tier = ""  # the processing tier an OpenAI stream says it is served at
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Complete events to pass on (each with its blank-line terminator).
@@ -309,6 +313,8 @@ class StreamMeter:
         return True
 
     def _chat(self, obj: dict) -> bool:
+        if isinstance(obj.get("service_tier"), str):
+            self.service_tier = obj["service_tier"]
         for ch in _list(obj.get("choices")):
             delta = _dict(_dict(ch).get("delta"))
             got = False
@@ -322,7 +328,7 @@ class StreamMeter:
                     got = True
             self.deltas += got
         if isinstance(obj.get("usage"), dict):
-            self._report(openai_tokens(obj["usage"]))
+            self._report(replace(openai_tokens(obj["usage"]), service_tier=self.service_tier))
             if self.strip and not obj.get("choices"):
                 return False
         if "error" in obj:
@@ -340,6 +346,8 @@ class StreamMeter:
             resp = _dict(obj.get("response"))
             if isinstance(resp.get("usage"), dict):
                 self._report(responses_tokens(resp))
+        elif kind == "response.created":
+            self.service_tier = _str(_dict(obj.get("response")).get("service_tier"))
         elif kind == "error":
             self.errored = True
 

@@ -135,7 +135,8 @@ def _release_session() -> None:
 # stripped, so a client is told plainly what it does not get.
 _UNPRICED_OPTIONS = (
     ((CHAT, RESPONSES), "service_tier", ("auto", "default"),
-     "priority processing costs up to 2x the standard prices, flex half of them"),
+     "priority processing costs up to 2x the standard prices, flex half of them, and the "
+     "catalog prices neither for this model"),
     ((MESSAGES,), "speed", ("standard",), "fast mode costs 2-6x the standard prices"),
     ((MESSAGES,), "inference_geo", ("global",), "US-only inference costs 1.1x the standard prices"),
 )
@@ -144,6 +145,8 @@ _UNPRICED_OPTIONS = (
 def _refuse_unpriced_options(call: Call) -> None:
     for surfaces, name, standard, why in _UNPRICED_OPTIONS:
         value = call.body.get(name)
+        if name == "service_tier" and isinstance(value, str) and call.model.prices.offers(value):
+            continue  # the catalog prices this model's priority or flex tier
         if call.surface in surfaces and value is not None and not (isinstance(value, str) and value in standard):
             shown = repr(value)[:40] if isinstance(value, str) else "that value"
             allowed = " or ".join(f"'{v}'" for v in standard)
@@ -223,7 +226,8 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
             out = Outcome("ok", "estimated", Tokens(
                 input=adm.est_input_tokens,
                 output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0,
-                web_searches=searches_in(call.surface, obj)),
+                web_searches=searches_in(call.surface, obj),
+                service_tier=obj.get("service_tier") if isinstance(obj.get("service_tier"), str) else ""),
                 error=UNBELIEVABLE_USAGE if tokens is not None else None)
         out.latency_ms = out.ttfb_ms = _ms(started)
         out.attempts, out.channel_id, out.upstream_request_id = opened.attempts, route.id, up_id
@@ -409,7 +413,7 @@ def _estimated_usage(adm: Admission, meter: StreamMeter) -> Tokens:
     the web searches whose results were delivered."""
     base = meter.usage if meter.input_reported else Tokens(input=adm.est_input_tokens)
     return replace(base, output=meter.output_tokens_estimate,
-                   web_searches=max(base.web_searches, meter.searches_seen))
+                   web_searches=max(base.web_searches, meter.searches_seen), service_tier=meter.service_tier)
 
 
 def count_tokens(call: Call) -> Reply:

@@ -68,7 +68,7 @@ def _model_form(model) -> dict:
     for f in groups.PRICE_FIELDS:
         out[f] = _usd_text(getattr(model, f))
     out["long_context_threshold"] = str(model.long_context_threshold or "")
-    for f in ("long_context_input_ppm", "long_context_output_ppm"):
+    for f in groups.RATIO_FIELDS:
         ppm = getattr(model, f)
         out[f] = "" if ppm is None else money.format_fixed(ppm, min_places=0).replace(",", "")
     return out
