@@ -521,15 +521,21 @@ def test_messages_options_priced_above_standard_are_refused(relay, upstream, fie
     assert_consistent(acct.user_id)
 
 
-def processing_tiers(model: str, *, priority: int | None, flex: int | None) -> None:
-    """Price a test model's priority and flex tiers (ppm; None: refused)."""
+def reprice(model: str | None, **values) -> None:
+    """Change a test model's catalog row (every model's with None), seen by the next call:
+    the relay keeps the catalog for CATALOG_TTL_S."""
     from console.relay.auth import invalidate_catalog
 
+    stmt = update(ModelPrice).values(**values)
     with write_tx():
-        db.session.execute(update(ModelPrice).where(ModelPrice.name == model).values(
-            priority_ppm=priority, flex_ppm=flex))
+        db.session.execute(stmt if model is None else stmt.where(ModelPrice.name == model))
     db.session.remove()
     invalidate_catalog()
+
+
+def processing_tiers(model: str, *, priority: int | None, flex: int | None) -> None:
+    """Price a test model's priority and flex tiers (ppm; None: refused)."""
+    reprice(model, priority_ppm=priority, flex_ppm=flex)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -1013,11 +1019,7 @@ def test_a_reply_without_usage_still_bills_the_searches_it_shows(relay, upstream
 def test_searches_are_free_where_the_catalog_sets_no_price(relay, upstream):
     """A model without a search price bills the searches' count at $0, holds nothing for them."""
     _app, client, acct = relay
-    from console.relay.auth import invalidate_catalog
-
-    with write_tx():
-        db.session.execute(update(ModelPrice).values(web_search_price=None))
-    invalidate_catalog()
+    reprice(None, web_search_price=None)
     scenario(upstream, "web_searches=2")
     r = search_call(client, acct, "messages", False)
     assert r.status_code == 200
@@ -1106,15 +1108,8 @@ def test_max_tool_calls_bounds_the_searches_of_a_response(max_tool_calls, tools,
 
 
 def long_context(model: str, threshold: int, up: int = 2_000_000, out: int = 1_500_000) -> None:
-    """Give a test model a long-context tier, seen by the next call (prices are cached per
-    process for CATALOG_TTL_S)."""
-    from console.relay.auth import invalidate_catalog
-
-    with write_tx():
-        db.session.execute(update(ModelPrice).where(ModelPrice.name == model).values(
-            long_context_threshold=threshold, long_context_input_ppm=up, long_context_output_ppm=out))
-    db.session.remove()
-    invalidate_catalog()
+    """Give a test model a long-context tier."""
+    reprice(model, long_context_threshold=threshold, long_context_input_ppm=up, long_context_output_ppm=out)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
