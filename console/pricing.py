@@ -48,31 +48,33 @@ class Prices:
     priority_ppm: int = 0
     flex_ppm: int = 0
 
+    def _tier_ppm(self, service_tier: str) -> int:
+        return {"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier, 0)
+
     def offers(self, service_tier: str) -> bool:
-        return bool({"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier))
+        return bool(self._tier_ppm(service_tier))
+
+    def _scaled(self, input_side_ppm: int, output_ppm: int) -> "Prices":
+        """Every input-side price × one ratio and the output price × another."""
+        return replace(self, input=scaled_price(self.input, input_side_ppm),
+                       output=scaled_price(self.output, output_ppm),
+                       cache_write_5m=scaled_price(self.cache_write_5m, input_side_ppm),
+                       cache_write_1h=scaled_price(self.cache_write_1h, input_side_ppm),
+                       cache_read=scaled_price(self.cache_read, input_side_ppm))
 
     def for_service(self, service_tier: str) -> "Prices":
         """The prices of a call the provider served at this processing tier; a tier without a
         ratio (or the standard one) keeps the standard prices."""
-        ppm = {"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier)
+        ppm = self._tier_ppm(service_tier)
         base = replace(self, priority_ppm=0, flex_ppm=0) if self.priority_ppm or self.flex_ppm else self
-        if not ppm:
-            return base
-        return replace(base, input=scaled_price(self.input, ppm), output=scaled_price(self.output, ppm),
-                       cache_write_5m=scaled_price(self.cache_write_5m, ppm),
-                       cache_write_1h=scaled_price(self.cache_write_1h, ppm),
-                       cache_read=scaled_price(self.cache_read, ppm))
+        return base._scaled(ppm, ppm) if ppm else base
 
     def for_input(self, input_side_tokens: int) -> "Prices":
         """The flat prices of a call with this many input-side tokens (its tier's)."""
+        flat = replace(self, long_threshold=0) if self.long_threshold else self
         if not self.long_threshold or input_side_tokens <= self.long_threshold:
-            return replace(self, long_threshold=0) if self.long_threshold else self
-        up, out = self.long_input_ppm, self.long_output_ppm
-        return Prices(input=scaled_price(self.input, up), output=scaled_price(self.output, out),
-                      cache_write_5m=scaled_price(self.cache_write_5m, up),
-                      cache_write_1h=scaled_price(self.cache_write_1h, up),
-                      cache_read=scaled_price(self.cache_read, up),
-                      per_call=self.per_call, web_search=self.web_search)
+            return flat
+        return flat._scaled(self.long_input_ppm, self.long_output_ppm)
 
     @classmethod
     def of(cls, model) -> "Prices":
