@@ -109,4 +109,11 @@ FAQ = [
      "group's multiplier. The **Pricing** page lists it per 1,000 searches; a usage record shows "
      "its searches in the formula. Failed searches are free.\n\nWhile the call runs, every search "
      "its tools allow is held: the tool's `max_uses` (or the request's `max_tool_calls`), else 10."),
+    ("hosted-tools", "Can I use OpenAI's image generation, code interpreter or file search tools?",
+     "Not yet. OpenAI charges for each image the `image_generation` tool makes, each "
+     "`code_interpreter` container and each `file_search` call, on top of the tokens, and we do not "
+     "bill those fees yet. A request that offers one of these tools gets a 400 "
+     "`unsupported_parameter` error and costs nothing. Your own function tools, web search and "
+     "everything else a coding agent sends work as usual. In Codex CLI, leave "
+     "`include_image_gen_tool` off."),
 ]

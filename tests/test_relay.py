@@ -475,6 +475,30 @@ def test_a_background_response_is_refused_because_it_could_not_be_billed(relay, 
     assert r.status_code == 200 and only_record().status == "ok"
 
 
+@pytest.mark.parametrize("tool", ["image_generation", "code_interpreter", "file_search"])
+def test_a_hosted_tool_whose_fee_is_not_billed_is_refused(relay, upstream, tool):
+    """An image, a container or a file search costs a fee per use upstream that the relay does
+    not bill: a request offering the tool gets 400 before admission, nothing sent or held;
+    function tools and the (billed) web search pass."""
+    _app, client, acct = relay
+    fake_reset(upstream)
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    for path, body in (("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),
+                       ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI})):
+        for stream in (False, True):
+            r = client.post(path, json={**body, "stream": stream, "tools": [function, {"type": tool}]},
+                            headers=bearer(acct))
+            assert r.status_code == 400 and r.get_json()["error"]["code"] == "unsupported_parameter"
+            assert f"'{tool}'" in r.get_json()["error"]["message"]
+    assert fake_stats(upstream)["requests"] == 0
+    assert records() == [] and wallet(acct.user_id).balance_micros == 100_000_000
+    for tools in ([function, {"type": "web_search"}], [{"type": "function", "name": tool}], "junk", [tool]):
+        r = client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "tools": tools},
+                        headers=bearer(acct))
+        assert r.status_code == 200, tools
+    assert_consistent(acct.user_id)
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HI}),
     ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),

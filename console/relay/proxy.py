@@ -142,7 +142,23 @@ _UNPRICED_OPTIONS = (
 )
 
 
+# OpenAI hosted tools the provider charges per use on top of the tokens, which the relay does
+# not bill: refused, so a call never runs them on the channel's account unbilled.
+_UNBILLED_TOOLS = {
+    "image_generation": "each image costs $0.01-0.25",
+    "code_interpreter": "each container costs $0.03 or more",
+    "file_search": "it costs $2.50 per 1,000 calls",
+}
+
+
 def _refuse_unpriced_options(call: Call) -> None:
+    tools = call.body.get("tools") if call.surface in (CHAT, RESPONSES) else None
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind in _UNBILLED_TOOLS:
+            raise RelayError(400, f"The hosted tool '{kind}' is not offered here: {_UNBILLED_TOOLS[kind]} on "
+                                  "the provider's side, which this relay does not bill. Remove it from 'tools'.",
+                             code="unsupported_parameter")
     for surfaces, name, standard, why in _UNPRICED_OPTIONS:
         value = call.body.get(name)
         if name == "service_tier" and isinstance(value, str) and call.model.prices.offers(value):
