@@ -44,8 +44,9 @@ text-generating ones (chat completions, responses, messages):
   failed_searches=N  of those, the last N failed (a failed web_search_call; a
                      web_search_tool_result whose content is an error), which providers do
                      not bill
-  standard_only=1    report service_tier "default" even when priority or flex was asked for
-                     (OpenAI; otherwise the tier asked for is reported)
+  standard_only=1    report service_tier "default" even when priority, fast or flex was asked
+                     for (OpenAI; otherwise the tier asked for is reported), and usage.speed
+                     "standard" even when speed "fast" was (Anthropic)
 
 Token counting is deliberately simple and deterministic. Input tokens = the
 characters of every string reached through the keys messages, system, input,
@@ -193,7 +194,7 @@ def _served_tier(call):
     """OpenAI's reported processing tier: the one asked for (priority, flex), else default;
     standard_only=1 serves every call at default, as when priority capacity is exhausted."""
     asked = call.body.get("service_tier")
-    if call.sc.get("standard_only") or asked not in ("priority", "flex"):
+    if call.sc.get("standard_only") or asked not in ("priority", "fast", "flex"):
         return "default"
     return asked
 
@@ -792,6 +793,8 @@ class FakeUpstream:
             "input_tokens": total,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
+            # The speed served: fast mode when asked for (standard_only=1: never).
+            "speed": "fast" if call.body.get("speed") == "fast" and not call.sc.get("standard_only") else "standard",
         }
         prefix = _cache_prefix(call.body)
         if prefix is not None:

@@ -136,9 +136,11 @@ def _classes(model: ModelPrice) -> list[tuple[str, str]]:
     if model.long_context_threshold:
         above = f"above {model.long_context_threshold:,} input tokens"
         out += [("long_input", f"input {above}"), ("long_output", f"output {above}")]
-    for tier, ppm in (("priority", model.priority_ppm), ("flex", model.flex_ppm)):
+    # The premium tier is Anthropic's fast mode (speed "fast") or OpenAI's priority processing.
+    fast = "fast mode" if model.provider == "anthropic" else "priority tier"
+    for tier, ppm, label in (("priority", model.priority_ppm, fast), ("flex", model.flex_ppm, "flex tier")):
         if ppm:
-            out += [(f"{tier}_input", f"input, {tier} tier"), (f"{tier}_output", f"output, {tier} tier")]
+            out += [(f"{tier}_input", f"input, {label}"), (f"{tier}_output", f"output, {label}")]
     if model.web_search_price:
         out.append(("web_search", WEB_SEARCH_LABEL))
     return out

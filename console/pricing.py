@@ -43,13 +43,16 @@ class Prices:
     long_threshold: int = 0
     long_input_ppm: int = MICROS
     long_output_ppm: int = MICROS
-    # OpenAI processing tiers (service_tier): every token price × the tier's ratio; 0 = the
-    # tier is not offered (the relay refuses a request for it).
+    # Processing tiers: every token price × the tier's ratio; 0 = the tier is not offered (the
+    # relay refuses a request for it). priority_ppm prices the faster tier at a premium, which
+    # both providers now call fast mode: OpenAI's priority processing (service_tier "priority"
+    # or, since its renaming, "fast") and Anthropic's fast mode (speed "fast").
     priority_ppm: int = 0
     flex_ppm: int = 0
 
     def _tier_ppm(self, service_tier: str) -> int:
-        return {"priority": self.priority_ppm, "flex": self.flex_ppm}.get(service_tier, 0)
+        return {"priority": self.priority_ppm, "fast": self.priority_ppm,
+                "flex": self.flex_ppm}.get(service_tier, 0)
 
     def offers(self, service_tier: str) -> bool:
         return bool(self._tier_ppm(service_tier))

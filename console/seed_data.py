@@ -77,13 +77,13 @@ FAQ = [
     ("which-clients", "Which apps and tools can I use with my key?",
      "Any client of the OpenAI or Anthropic API: set its base URL to this site's `/v1` and use "
      "your key.\n\n- **SDKs**: OpenAI (`base_url=\".../v1\"`) and Anthropic (`base_url=\"...\"`).\n"
-     "- **Claude Code**: `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (fast mode, `/fast`, is "
-     "not offered: leave it off).\n"
+     "- **Claude Code**: `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (fast mode, `/fast`, works "
+     "only for models whose price list on **Pricing** shows a fast mode price).\n"
      "- **Codex CLI**: a model provider with `base_url` and `wire_api = \"responses\"`; "
      "compressed requests (zstd, gzip) are accepted.\n"
      "- **Chat apps in the browser** may call the API directly with your key (cross-origin "
-     "requests are allowed on `/v1`).\n\nPriority or flex processing (`service_tier`) is offered only "
-     "for models whose price list on **Pricing** shows it; US-only inference (`inference_geo`) "
+     "requests are allowed on `/v1`).\n\nPriority (fast) or flex processing (`service_tier`) is offered "
+     "only for models whose price list on **Pricing** shows it, at those prices; US-only inference (`inference_geo`) "
      "and background responses are not offered. The **Dashboard** shows the base URL; the models "
      "your key may use are listed at `/v1/models`."),
     ("partial-calls", "What am I charged when a call fails or is cut short?",

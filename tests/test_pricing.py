@@ -145,6 +145,7 @@ def test_a_processing_tier_scales_every_token_price_and_stacks_with_long_context
     assert (fast.input, fast.output, fast.cache_read, fast.web_search) == (1_750_000, 5, 4, 10_000)
     assert prices.for_service("flex").input == prices.for_service("default").input == 1_000_000
     assert prices.offers("priority") and not prices.offers("flex") and not prices.offers("scale")
+    assert prices.offers("fast") and prices.for_service("fast") == fast  # fast mode: the same tier
     q = pricing.quote(pricing.Tokens(input=11, service_tier="priority"), prices, 1_000_000)
     assert q.prices.input == 3_500_000 and q.official_pico == 11 * 3_500_000
     assert pricing.max_charge(prices, 1_000_000, 5, 0, 0, "priority") == pricing.quote(
@@ -164,6 +165,21 @@ def test_the_pricing_page_lists_a_models_processing_tiers(seeded, client):
         pricing.Tokens(input=1_000_000, service_tier="priority"), pricing.Prices.of(model),
         group.multiplier_ppm).charge_micros == 750_000  # $2.50 × 0.3
     assert _micros(cells["output, priority tier"]) == 6_000_000 and "input, flex tier" not in cells
+
+
+def test_the_pricing_page_calls_an_anthropic_models_premium_tier_fast_mode(seeded, client):
+    """The same ratio on a Claude model prices its fast mode (speed "fast"): listed as such,
+    at the billing price of a call served fast."""
+    with write_tx():
+        db.session.execute(update(ModelPrice).where(ModelPrice.name == "claude-sonnet-4-5")
+                           .values(priority_ppm=6_000_000))
+    model = db.session.scalar(select(ModelPrice).where(ModelPrice.name == "claude-sonnet-4-5"))
+    chunk = client.get("/pricing").data.decode().split(f'id="price-row-{model.id}"')[1].split("</tr>")[0]
+    cells = dict(re.findall(r'data-group="recommended" data-price="([^"]+)">([^<]+)<', chunk))
+    assert "input, priority tier" not in cells
+    fast = pricing.Prices.of(model).for_service("fast")  # below the model's long-context tier
+    assert _micros(cells["input, fast mode"]) == pricing.price_per_million_credits(
+        fast.input, groups.by_slug("recommended").multiplier_ppm) == 5_400_000  # $3 × 6 × 0.3
 
 
 def test_calculator_prices_web_searches_on_top_of_tokens(seeded, client):

@@ -527,9 +527,9 @@ def test_a_processing_tier_the_catalog_does_not_price_is_refused(relay, upstream
     ("inference_geo", ("us", "eu", ["us"]), ("global", None)),
 ], ids=["fast-mode", "us-only"])
 def test_messages_options_priced_above_standard_are_refused(relay, upstream, field, refused, passed):
-    """speed "fast" (Anthropic's fast mode, 2-6x the standard prices) and inference_geo "us"
-    (1.1x): 400 in Anthropic's shape before admission, nothing sent or held; the standard
-    value or none pass."""
+    """speed "fast" (Anthropic's fast mode, 2-6x the standard prices) while the catalog prices
+    no fast mode for the model, and inference_geo "us" (1.1x): 400 in Anthropic's shape before
+    admission, nothing sent or held; the standard value or none pass."""
     _app, client, acct = relay
     fake_reset(upstream)
     headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01", "anthropic-beta": "fast-mode-2026-02-01"}
@@ -590,6 +590,58 @@ def test_a_priced_processing_tier_is_billed_at_the_tier_the_provider_served(rela
     assert priority.hold_micros == downgraded.hold_micros > flex.hold_micros
     assert r.status_code == 200 and client.post(path, json={**body, "service_tier": "scale"},
                                                 headers=bearer(acct)).status_code == 400
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_priced_fast_mode_is_billed_at_the_speed_the_provider_served(relay, upstream, stream):
+    """claude-haiku-4-5 with fast mode priced at ×6: a call the provider reports served fast
+    (usage.speed) is billed at six times every token price, a fast request served at standard
+    speed at the standard prices; the hold covers the fast prices either way. Above a
+    long-context threshold the two ratios multiply (×6 × 2 input-side, ×6 × 1.5 output), as
+    Anthropic prices them."""
+    _app, client, acct = relay
+    headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01", "anthropic-beta": "fast-mode-2026-02-01"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": HI, "stream": stream}
+    processing_tiers("claude-haiku-4-5", priority=6_000_000, flex=None)
+    for speed in ("fast", "standard"):
+        r = client.post("/v1/messages", json={**body, "speed": speed}, headers=headers)
+        assert r.status_code == 200, r.data[:300]
+    assert fake_last(upstream)["body"]["speed"] == "standard"
+    scenario(upstream, "standard_only=1")
+    processing_tiers("claude-haiku-4-5", priority=6_000_000, flex=None)
+    assert client.post("/v1/messages", json={**body, "speed": "fast"}, headers=headers).status_code == 200
+    scenario(upstream, "")
+    processing_tiers("claude-haiku-4-5", priority=6_000_000, flex=None)
+    long_context("claude-haiku-4-5", 10)
+    long = [{"role": "user", "content": "y" * 400}]
+    assert client.post("/v1/messages", json={**body, "messages": long, "speed": "fast"},
+                       headers=headers).status_code == 200
+    fast, standard, fell_back, fast_long = records()
+    prices = lambda rec: (rec.input_price, rec.output_price, rec.cache_write_5m_price,  # noqa: E731
+                          rec.cache_write_1h_price, rec.cache_read_price)
+    assert prices(fast) == (6_000_000, 30_000_000, 7_500_000, 12_000_000, 600_000)
+    assert prices(standard) == prices(fell_back) == (1_000_000, 5_000_000, 1_250_000, 2_000_000, 100_000)
+    assert prices(fast_long) == (12_000_000, 45_000_000, 15_000_000, 24_000_000, 1_200_000)
+    for rec in (fast, standard, fell_back, fast_long):
+        assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
+    assert fast.hold_micros == fell_back.hold_micros > standard.hold_micros
+    assert_consistent(acct.user_id)
+
+
+def test_openai_fast_is_the_priority_tier(relay, upstream):
+    """OpenAI renamed priority processing Fast mode and takes service_tier "fast" for it: priced
+    by the priority ratio (refused while the catalog prices none), "ultrafast" refused."""
+    _app, client, acct = relay
+    body = {"model": "gpt-4o-mini", "input": "hi"}
+    assert client.post("/v1/responses", json={**body, "service_tier": "fast"}, headers=bearer(acct)).status_code == 400
+    processing_tiers("gpt-4o-mini", priority=2_000_000, flex=None)
+    assert client.post("/v1/responses", json={**body, "service_tier": "fast"}, headers=bearer(acct)).status_code == 200
+    r = client.post("/v1/responses", json={**body, "service_tier": "ultrafast"}, headers=bearer(acct))
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "unsupported_parameter"
+    rec = only_record()
+    assert (rec.input_price, rec.output_price) == (300_000, 1_200_000)
+    assert rec.charge_micros == recomputed(rec) <= rec.hold_micros
     assert_consistent(acct.user_id)
 
 

@@ -109,7 +109,7 @@ class Estimate:
     requested_output: int | None
     n: int
     web_searches: int = 0  # the most the request's web search tools may run
-    service_tier: str = ""  # the processing tier the request asks for (OpenAI)
+    service_tier: str = ""  # the processing tier the request asks for (OpenAI), "fast" for fast mode
 
 
     def input_hold_tokens(self, model: ModelInfo) -> int:
@@ -169,7 +169,7 @@ def estimate(body: dict) -> Estimate:
         if v is not None:
             requested = v if requested is None else max(requested, v)
     n = _positive_int(body, "n", 128) or 1
-    tier = body.get("service_tier")
+    tier = "fast" if body.get("speed") == "fast" else body.get("service_tier")  # Anthropic's speed
     return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body),
                     tier if isinstance(tier, str) else "")
 

@@ -110,14 +110,17 @@ def openai_tokens(u: dict) -> Tokens:
 
 
 def anthropic_tokens(u: dict) -> Tokens:
-    """Messages usage, incl. the web searches run (`server_tool_use.web_search_requests`)."""
+    """Messages usage, incl. the web searches run (`server_tool_use.web_search_requests`) and
+    the speed served (`speed`: fast mode is a processing tier; its `service_tier` is not read,
+    as Anthropic's priority tier is a committed-spend contract, not a price per token)."""
     created = _int(u.get("cache_creation_input_tokens"))
     split = _dict(u.get("cache_creation"))
     w1h = min(_int(split.get("ephemeral_1h_input_tokens")), created)
     return Tokens(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
                   cache_write_5m=created - w1h, cache_write_1h=w1h,
                   cache_read=_int(u.get("cache_read_input_tokens")),
-                  web_searches=_int(_dict(u.get("server_tool_use")).get("web_search_requests")))
+                  web_searches=_int(_dict(u.get("server_tool_use")).get("web_search_requests")),
+                  service_tier="fast" if u.get("speed") == "fast" else "")
 
 
 # A Responses output item the provider bills per use (OpenAI's hosted web search), and the
@@ -236,7 +239,7 @@ class StreamMeter:
         self._final_seen = False
         # Web searches whose results reached the client, for a stream that ends before its usage.
         self.searches_seen = 0
-        self.service_tier = ""  # the processing tier an OpenAI stream says it is served at
+        self.service_tier = ""  # the processing tier (or speed) the stream says it is served at
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Complete events to pass on (each with its blank-line terminator).
@@ -375,7 +378,9 @@ class StreamMeter:
 
     def _merge(self, u: dict) -> None:
         self._anthropic.update({k: v for k, v in u.items() if v is not None})
-        self._report(anthropic_tokens(self._anthropic))
+        tokens = anthropic_tokens(self._anthropic)
+        self.service_tier = tokens.service_tier
+        self._report(tokens)
 
     def _report(self, tokens: Tokens) -> None:
         if self.unbelievable or not believable(tokens):

@@ -137,7 +137,8 @@ _UNPRICED_OPTIONS = (
     ((CHAT, RESPONSES), "service_tier", ("auto", "default"),
      "priority processing costs up to 2x the standard prices, flex half of them, and the "
      "catalog prices neither for this model"),
-    ((MESSAGES,), "speed", ("standard",), "fast mode costs 2-6x the standard prices"),
+    ((MESSAGES,), "speed", ("standard",),
+     "fast mode costs 2-6x the standard prices, and the catalog does not price it for this model"),
     ((MESSAGES,), "inference_geo", ("global",), "US-only inference costs 1.1x the standard prices"),
 )
 
@@ -161,8 +162,8 @@ def _refuse_unpriced_options(call: Call) -> None:
                              code="unsupported_parameter")
     for surfaces, name, standard, why in _UNPRICED_OPTIONS:
         value = call.body.get(name)
-        if name == "service_tier" and isinstance(value, str) and call.model.prices.offers(value):
-            continue  # the catalog prices this model's priority or flex tier
+        if name in ("service_tier", "speed") and isinstance(value, str) and call.model.prices.offers(value):
+            continue  # the catalog prices this model's fast (priority) or flex tier
         if call.surface in surfaces and value is not None and not (isinstance(value, str) and value in standard):
             shown = repr(value)[:40] if isinstance(value, str) else "that value"
             allowed = " or ".join(f"'{v}'" for v in standard)
