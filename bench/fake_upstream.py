@@ -1,7 +1,7 @@
 """Fake LLM provider for end-to-end tests and benchmarks.
 
-Owns a gevent WSGI server that speaks the OpenAI (chat completions, responses,
-embeddings, models) and Anthropic (messages, count_tokens) wire formats faithfully
+Owns a gevent WSGI server that speaks the OpenAI (chat completions, responses and their
+compaction, embeddings, models) and Anthropic (messages, count_tokens) wire formats faithfully
 enough for the official SDKs, with per-request fault scenarios and JSON
 observability endpoints under /_fake/.
 
@@ -437,6 +437,7 @@ class FakeUpstream:
         self._routes = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/responses"): self._responses,
+            ("POST", "/v1/responses/compact"): self._compact,
             ("POST", "/v1/messages"): self._messages,
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("POST", "/v1/embeddings"): self._embeddings,
@@ -646,6 +647,23 @@ class FakeUpstream:
             tail.append(_data(dict(base, choices=[], usage=usage)))
         tail.append(b"data: [DONE]\n\n")
         return call.stream([chunk(first)], deltas, tail, b'data: {"id": not json at all\n\n')
+
+    def _compact(self, call):
+        """A compacted conversation: the input's user messages, then one compaction item whose
+        encrypted_content is the (here merely encoded) summary; Responses usage. Never streamed."""
+        pieces = _words(call.sc["chunks"])
+        items = call.body.get("input")
+        items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
+        kept = [{"type": "message", **it} for it in items or () if isinstance(it, dict) and it.get("role") == "user"]
+        summary = base64.b64encode("".join(pieces).encode()).decode()
+        usage = self._openai_usage(call, len(pieces), responses_api=True)
+        return call.reply({
+            "id": "resp_" + call.rid,
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [*kept, {"id": "cmp_" + call.rid, "type": "compaction", "encrypted_content": summary}],
+            **({"usage": usage} if usage else {}),
+        })
 
     def _responses(self, call):
         body, pieces = call.body, _words(call.sc["chunks"])

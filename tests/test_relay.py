@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -245,6 +246,50 @@ def test_responses_and_embeddings_are_billed(relay):
     assert (resp_rec.endpoint, resp_rec.output_tokens, resp_rec.usage_source) == ("responses", 5, "upstream")
     assert (emb_rec.endpoint, emb_rec.output_tokens) == ("embeddings", 0)
     assert emb_rec.input_tokens == e.get_json()["usage"]["prompt_tokens"]
+    assert_consistent(acct.user_id)
+
+
+def test_a_responses_compaction_is_billed_from_its_usage(relay, upstream):
+    """POST /v1/responses/compact (Codex CLI's remote compaction): passed through unchanged and
+    billed from the Responses usage of its reply, never as a stream; a reply without usage is
+    billed as estimated, its output from the compaction item's (encrypted) summary."""
+    _app, client, acct = relay
+    body = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": "hello"}], "instructions": "x"}
+    r = client.post("/v1/responses/compact", json=body, headers=bearer(acct))
+    assert r.status_code == 200, r.data[:300]
+    got = r.get_json()
+    assert got["object"] == "response.compaction" and [o["type"] for o in got["output"]] == ["message", "compaction"]
+    assert fake_last(upstream)["path"] == "/v1/responses/compact"
+    scenario(upstream, "no_usage=1")
+    assert client.post("/v1/responses/compact", json=body, headers=bearer(acct)).status_code == 200
+    exact, estimated = records()
+    assert (exact.endpoint, exact.stream, exact.status, exact.usage_source) == (
+        "responses_compact", False, "ok", "upstream")
+    assert (exact.input_tokens, exact.output_tokens) == (got["usage"]["input_tokens"], got["usage"]["output_tokens"])
+    assert (estimated.usage_source, estimated.input_tokens > 0) == ("estimated", True)
+    assert estimated.output_tokens == math.ceil(len(got["output"][-1]["encrypted_content"]) / 4)
+    for rec in (exact, estimated):
+        assert rec.charge_micros == recomputed(rec) > 0
+    assert_consistent(acct.user_id)
+
+
+def test_a_compaction_refuses_a_tier_its_reply_would_not_report(relay, upstream):
+    """A compaction's reply does not say which processing tier served it: service_tier priority
+    or flex is refused there even for a model that prices them (a Responses call passes), as
+    are the unbilled hosted tools; an unknown model is 404."""
+    _app, client, acct = relay
+    fake_reset(upstream)
+    processing_tiers("gpt-4o-mini", priority=2_000_000, flex=500_000)
+    body = {"model": "gpt-4o-mini", "input": "hello"}
+    for extra in ({"service_tier": "priority"}, {"service_tier": "flex"}, {"tools": [{"type": "image_generation"}]}):
+        r = client.post("/v1/responses/compact", json={**body, **extra}, headers=bearer(acct))
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "unsupported_parameter", extra
+    r = client.post("/v1/responses/compact", json={**body, "model": "nope"}, headers=bearer(acct))
+    assert r.status_code == 404
+    assert fake_stats(upstream)["requests"] == 0 and records() == []
+    assert client.post("/v1/responses", json={**body, "service_tier": "priority"}, headers=bearer(acct)).status_code == 200
+    assert client.post("/v1/responses/compact", json={**body, "service_tier": "default"},
+                       headers=bearer(acct)).status_code == 200
     assert_consistent(acct.user_id)
 
 

@@ -3,6 +3,7 @@ openai and anthropic SDKs; disconnects, a killed worker, concurrency races and a
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -120,6 +121,10 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
                            headers={"Authorization": f"Bearer {acct.key}", "Content-Type": "application/json",
                                     "Content-Encoding": "zstd"})
         assert codex.status_code == 200 and "event: response.completed" in codex.text
+        # Codex CLI compacts a long conversation through /responses/compact.
+        compacted = oai.responses.compact(model="gpt-4o-mini", input=[{"role": "user", "content": "hi"}])
+        assert compacted.object == "response.compaction" and compacted.output[-1].type == "compaction"
+        assert base64.b64decode(compacted.output[-1].encrypted_content).decode() == words
         assert len(oai.embeddings.create(model="text-embedding-3-small", input=["a", "b"]).data) == 2
         assert {m.id for m in oai.models.list()} == {"gpt-4o-mini", "claude-haiku-4-5", "text-embedding-3-small"}
         assert oai.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
@@ -143,7 +148,8 @@ def test_sdk_round_trips_bill_exactly_and_never_log_keys(db_url, upstream, tmp_p
 
     with app.app_context():
         recs = records()
-        assert len(recs) == 9 and all(r.status == "ok" and r.usage_source == "upstream" for r in recs)
+        assert len(recs) == 10 and all(r.status == "ok" and r.usage_source == "upstream" for r in recs)
+        assert [r.endpoint for r in recs].count("responses_compact") == 1
         assert all(r.charge_micros == recomputed(r) for r in recs)
         assert sum(r.cache_write_5m_tokens for r in recs) > 0 and sum(r.cache_read_tokens for r in recs) > 0
         assert wallet(acct.user_id).balance_micros == 100_000_000 - sum(r.charge_micros for r in recs)

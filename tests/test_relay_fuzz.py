@@ -50,8 +50,8 @@ def _encode(data: bytes, coding: str | None) -> bytes:
     return data
 
 
-PATHS = st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/embeddings",
-                         "/v1/messages/count_tokens"])
+PATHS = st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/responses/compact", "/v1/messages",
+                         "/v1/embeddings", "/v1/messages/count_tokens"])
 
 
 @pytest.fixture

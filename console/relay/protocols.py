@@ -1,4 +1,4 @@
-"""The four API surfaces: where each forwards to, and how usage is read from its replies.
+"""The API surfaces: where each forwards to, and how usage is read from its replies.
 
 Owns the wire details: the upstream path per surface, `stream_options.include_usage`
 injection for OpenAI chat streams (and stripping the extra usage chunk when the client did
@@ -9,7 +9,8 @@ not ask for it), and reading usage from JSON replies and from SSE events:
   `message_delta` usage (cumulative output), incl. cache creation (5 min / 1 h) and cache read,
   and the web searches run (`server_tool_use.web_search_requests`);
 - web searches of Responses: the `web_search_call` items of the reply's output; of a stream cut
-  short, the search items and result blocks that reached the client (a failed search is free).
+  short, the search items and result blocks that reached the client (a failed search is free);
+- Responses compaction (`/responses/compact`, never streamed): the reply's Responses usage.
 
 The stream is split into SSE events and each event is passed on as soon as it is complete;
 no event is ever held back waiting for another.
@@ -54,7 +55,7 @@ def dumps(obj) -> bytes:
 
 @dataclass(frozen=True)
 class Surface:
-    name: str           # chat | responses | messages | embeddings | count_tokens
+    name: str           # chat | responses | responses_compact | messages | embeddings | count_tokens
     channel_type: str   # openai | anthropic
     path: str           # appended to the channel's base URL
     billed: bool = True
@@ -63,6 +64,9 @@ class Surface:
 
 CHAT = Surface("chat", "openai", "/chat/completions")
 RESPONSES = Surface("responses", "openai", "/responses")
+# Compacts a Responses conversation into its user messages and one encrypted compaction item
+# (Codex CLI calls it when it talks to the built-in OpenAI provider, OPENAI_BASE_URL included).
+COMPACT = Surface("responses_compact", "openai", "/responses/compact", can_stream=False)
 MESSAGES = Surface("messages", "anthropic", "/v1/messages")
 EMBEDDINGS = Surface("embeddings", "openai", "/embeddings", can_stream=False)
 COUNT_TOKENS = Surface("count_tokens", "anthropic", "/v1/messages/count_tokens", billed=False,
@@ -165,7 +169,7 @@ def usage_from_json(surface: Surface, obj) -> Tokens | None:
     """The usage a whole reply reports; None when it reports none (see `believable`)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return None
-    if surface is RESPONSES:
+    if surface is RESPONSES or surface is COMPACT:
         return responses_tokens(obj)
     u = obj["usage"]
     if surface.channel_type == "anthropic":
@@ -200,6 +204,12 @@ def text_from_json(surface: Surface, obj) -> str:
                 out.append(block["text"])
             elif "input" in block:
                 out.append(json.dumps(block["input"]))
+    elif surface is COMPACT:
+        # The summary is only there encrypted (its ciphertext is longer than the text): the
+        # user messages beside it are the input's own.
+        for item in map(_dict, _list(obj.get("output"))):
+            if item.get("type") == "compaction" and isinstance(item.get("encrypted_content"), str):
+                out.append(item["encrypted_content"])
     return "".join(out)
 
 

@@ -28,6 +28,7 @@ from console.relay.errors import RelayError
 from console.relay.metering import Admission, Outcome
 from console.relay.protocols import (
     CHAT,
+    COMPACT,
     MESSAGES,
     RESPONSES,
     UNBELIEVABLE_USAGE,
@@ -134,7 +135,7 @@ def _release_session() -> None:
 # (surfaces, field, the values priced as standard, what the others cost). Refused, not
 # stripped, so a client is told plainly what it does not get.
 _UNPRICED_OPTIONS = (
-    ((CHAT, RESPONSES), "service_tier", ("auto", "default"),
+    ((CHAT, RESPONSES, COMPACT), "service_tier", ("auto", "default"),
      "priority processing costs up to 2x the standard prices, flex half of them, and the "
      "catalog prices neither for this model"),
     ((MESSAGES,), "speed", ("standard",),
@@ -153,7 +154,7 @@ _UNBILLED_TOOLS = {
 
 
 def _refuse_unpriced_options(call: Call) -> None:
-    tools = call.body.get("tools") if call.surface in (CHAT, RESPONSES) else None
+    tools = call.body.get("tools") if call.surface in (CHAT, RESPONSES, COMPACT) else None
     for tool in tools if isinstance(tools, list) else ():
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind in _UNBILLED_TOOLS:
@@ -162,8 +163,9 @@ def _refuse_unpriced_options(call: Call) -> None:
                              code="unsupported_parameter")
     for surfaces, name, standard, why in _UNPRICED_OPTIONS:
         value = call.body.get(name)
-        if name in ("service_tier", "speed") and isinstance(value, str) and call.model.prices.offers(value):
-            continue  # the catalog prices this model's fast (priority) or flex tier
+        if (name in ("service_tier", "speed") and isinstance(value, str) and call.model.prices.offers(value)
+                and call.surface is not COMPACT):
+            continue  # the catalog prices this tier (a compaction's reply never says which one served it)
         if call.surface in surfaces and value is not None and not (isinstance(value, str) and value in standard):
             shown = repr(value)[:40] if isinstance(value, str) else "that value"
             allowed = " or ".join(f"'{v}'" for v in standard)
@@ -242,7 +244,7 @@ def _forward(call: Call, adm: Admission, routes) -> Reply:
             text = text_from_json(call.surface, obj)
             out = Outcome("ok", "estimated", Tokens(
                 input=adm.est_input_tokens,
-                output=metering.estimate_output_tokens(len(text), 0) if call.surface.can_stream else 0,
+                output=metering.estimate_output_tokens(len(text), 0),
                 web_searches=searches_in(call.surface, obj),
                 service_tier=obj.get("service_tier") if isinstance(obj.get("service_tier"), str) else ""),
                 error=UNBELIEVABLE_USAGE if tokens is not None else None)

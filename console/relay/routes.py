@@ -15,7 +15,7 @@ from console.relay import bp, content_coding, proxy
 from console.relay.auth import authenticate, group_models, presented_secret, resolve_model
 from console.relay.errors import RelayError, from_error
 from console.relay.metering import StaleKey, new_request_id
-from console.relay.protocols import CHAT, COUNT_TOKENS, EMBEDDINGS, MESSAGES, RESPONSES, Surface
+from console.relay.protocols import CHAT, COMPACT, COUNT_TOKENS, EMBEDDINGS, MESSAGES, RESPONSES, Surface
 from console.relay.upstream import FORWARDED_HEADERS
 
 
@@ -173,6 +173,11 @@ def chat_completions():
 @bp.post("/responses")
 def responses():
     return _relay(RESPONSES)
+
+
+@bp.post("/responses/compact")
+def responses_compact():
+    return _relay(COMPACT)
 
 
 @bp.post("/messages")
