@@ -325,6 +325,9 @@ class UsageRecord(db.Model):
     cache_read_price: Mapped[int] = mapped_column(Money, default=0)
     per_call_price: Mapped[int] = mapped_column(Money, default=0)
     web_search_price: Mapped[int] = mapped_column(Money, default=0, server_default="0")
+    # The priced processing tier the provider reported serving (pricing.Prices.tier_served):
+    # '' standard, or priority / fast / flex, whose ratio the token prices above include.
+    service_tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
     multiplier_ppm: Mapped[int] = mapped_column(BigInteger)
     official_cost_pico: Mapped[int] = mapped_column(Money, default=0)
     charge_micros: Mapped[int] = mapped_column(Money, default=0)

@@ -16,6 +16,9 @@ from console.money import (
 )
 
 TOKEN_CLASSES = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+# A usage record's processing tier (Prices.tier_served), as a person reads it. OpenAI renamed
+# priority processing Fast mode and takes either name; Anthropic's fast mode is speed "fast".
+TIER_LABELS = {"priority": "priority processing", "fast": "fast mode", "flex": "flex processing"}
 CLASS_LABELS = {
     "input": "input",
     "output": "output",
@@ -56,6 +59,10 @@ class Prices:
 
     def offers(self, service_tier: str) -> bool:
         return bool(self._tier_ppm(service_tier))
+
+    def tier_served(self, service_tier: str) -> str:
+        """The tier a usage record names: the one reported, if it changes the prices."""
+        return service_tier if self._tier_ppm(service_tier) else ""
 
     def _scaled(self, input_side_ppm: int, output_ppm: int) -> "Prices":
         """Every input-side price × one ratio and the output price × another."""

@@ -47,7 +47,7 @@ from console.models import (
     utcnow,
 )
 from console.money import format_fixed
-from console.pricing import CLASS_LABELS, Prices, Quote, Tokens, quote
+from console.pricing import CLASS_LABELS, TIER_LABELS, Prices, Quote, Tokens, quote
 
 PAGE_SIZE = 50
 STATUSES = ("ok", "failed", "partial", "estimated", "pending")
@@ -302,6 +302,11 @@ class Detail:
     lines: list[tuple[str, int, int]]  # (token class label, tokens, micro-USD per 1M)
     long_context_above: int | None = None  # the prompt passed the model's long-context threshold
 
+    @property
+    def tier_label(self) -> str:
+        """The processing tier whose prices the record's token prices are ('' if standard)."""
+        return TIER_LABELS.get(self.record.service_tier, "")
+
 
 def detail(user_id: int, record_id: int, symbol: str = "") -> Detail:
     """A record of this user with its charge explained by the billing code itself."""
@@ -333,7 +338,7 @@ def record_row(user_id: int, record_id: int) -> tuple[UsageRecord, Choices]:
 CSV_HEADER = ("time_utc", "request_id", "key", "key_prefix", "model", "group", "multiplier",
               "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens",
               "web_searches", "official_usd", "credits", "status", "usage_source", "stream", "latency_ms",
-              "ttfb_ms")
+              "ttfb_ms", "service_tier")
 _CSV_COLUMNS = (
     UsageRecord.id, UsageRecord.created_at, UsageRecord.request_id, UsageRecord.key_id,
     UsageRecord.model, UsageRecord.group_id, UsageRecord.multiplier_ppm,
@@ -341,6 +346,7 @@ _CSV_COLUMNS = (
     UsageRecord.cache_write_1h_tokens, UsageRecord.cache_read_tokens, UsageRecord.web_searches,
     UsageRecord.official_cost_pico, UsageRecord.charge_micros, UsageRecord.status,
     UsageRecord.usage_source, UsageRecord.stream, UsageRecord.latency_ms, UsageRecord.ttfb_ms,
+    UsageRecord.service_tier,
 )
 
 
@@ -382,10 +388,11 @@ def export_rows(user_id: int, flt: UsageFilter, *, now: datetime | None = None,
                _plain(format_fixed(r.official_cost_pico, places=12, min_places=6)),
                _plain(format_fixed(r.charge_micros)), r.status, r.usage_source,
                "yes" if r.stream else "no",
-               "" if r.latency_ms is None else r.latency_ms, "" if r.ttfb_ms is None else r.ttfb_ms)
+               "" if r.latency_ms is None else r.latency_ms, "" if r.ttfb_ms is None else r.ttfb_ms,
+               r.service_tier)
     yield ("TOTAL", f"{n} calls", "", "", "", "", "", tin, tout, tcw, tcr, searches,
            _plain(format_fixed(pico, places=12, min_places=6)), _plain(format_fixed(micros)),
-           "", "", "", "", "")
+           "", "", "", "", "", "")
 
 
 # ---- rollup of closed days -------------------------------------------------------------------

@@ -626,6 +626,7 @@ def test_a_priced_processing_tier_is_billed_at_the_tier_the_provider_served(rela
     r = client.post(path, json={**body, "service_tier": "priority", "stream": stream}, headers=bearer(acct))
     assert r.status_code == 200
     priority, flex, downgraded = records()
+    assert [rec.service_tier for rec in (priority, flex, downgraded)] == ["priority", "flex", ""]
     prices = lambda rec: (rec.input_price, rec.output_price, rec.cache_read_price)  # noqa: E731
     assert prices(priority) == (300_000, 1_200_000, 150_000)
     assert prices(flex) == (75_000, 300_000, 37_500)
@@ -663,6 +664,7 @@ def test_priced_fast_mode_is_billed_at_the_speed_the_provider_served(relay, upst
     assert client.post("/v1/messages", json={**body, "messages": long, "speed": "fast"},
                        headers=headers).status_code == 200
     fast, standard, fell_back, fast_long = records()
+    assert [rec.service_tier for rec in (fast, standard, fell_back, fast_long)] == ["fast", "", "", "fast"]
     prices = lambda rec: (rec.input_price, rec.output_price, rec.cache_write_5m_price,  # noqa: E731
                           rec.cache_write_1h_price, rec.cache_read_price)
     assert prices(fast) == (6_000_000, 30_000_000, 7_500_000, 12_000_000, 600_000)
@@ -1501,7 +1503,8 @@ def test_a_remembered_key_moved_to_another_group_is_billed_in_it_at_once(relay):
     assert rec.charge_micros == recomputed(rec)
 
 
-def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0, web_searches: int = 0):
+def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0, web_searches: int = 0,
+             service_tier: str = ""):
     from console.relay.auth import authenticate, resolve_model
     from console.relay.metering import admit, checkpoint, estimate, new_request_id
 
@@ -1511,7 +1514,7 @@ def _pending(acct, *, deadline_in: timedelta, delivered_chars: int = 0, web_sear
                 est=estimate({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 400}]}),
                 client_ip=None)
     if delivered_chars:
-        checkpoint(adm.record_id, delivered_chars, web_searches)
+        checkpoint(adm.record_id, delivered_chars, web_searches, service_tier)
     with write_tx():
         db.session.execute(update(UsageRecord).where(UsageRecord.id == adm.record_id)
                            .values(deadline_at=utcnow() + deadline_in))
@@ -1566,6 +1569,21 @@ def test_reconcile_bills_the_checkpointed_web_searches(relay):
     assert (rec.output_tokens, rec.web_searches, rec.web_search_price) == (10, 2, SEARCH_PRICE)
     assert rec.charge_micros == recomputed(rec) > 2 * SEARCH_PRICE * 3 // 10
     assert_consistent(acct.user_id)
+
+
+def test_reconcile_bills_the_checkpointed_processing_tier(relay):
+    """A crashed stream had checkpointed that it was served at priority (×2 in the catalog): the
+    reconciler bills its estimate at the tier's prices and the record names the tier."""
+    _app, _client, acct = relay
+    processing_tiers("gpt-4o-mini", priority=2_000_000, flex=None)
+    stale = _pending(acct, deadline_in=-timedelta(seconds=1), delivered_chars=40, service_tier="priority")
+    assert db.session.get(UsageRecord, stale.record_id).service_tier == "priority"
+    db.session.remove()
+    assert reconcile() == 1
+    rec = db.session.get(UsageRecord, stale.record_id)
+    assert (rec.service_tier, rec.input_price, rec.output_price) == ("priority", 300_000, 1_200_000)
+    assert rec.charge_micros == recomputed(rec) > 0
+    assert ledger.verify() == []
 
 
 def test_reconcile_prices_a_long_prompt_at_its_models_tier(relay):

@@ -45,7 +45,8 @@ def record_values(user_id: int, *, created_at: datetime | None = None, model: st
                   web_searches: int = 0, web_search_price: int = 10_000,
                   input_price: int = 3_000_000, output_price: int = 15_000_000,
                   cache_write_price: int = 3_750_000, cache_read_price: int = 300_000,
-                  latency_ms: int | None = 1200, ttfb_ms: int | None = 300, stream: bool = True) -> dict:
+                  latency_ms: int | None = 1200, ttfb_ms: int | None = 300, stream: bool = True,
+                  service_tier: str = "") -> dict:
     """A usage record billed the way the relay bills: by quote(); failed calls charge nothing."""
     created_at = created_at or utcnow()
     prices = Prices(input=input_price, output=output_price, cache_write_5m=cache_write_price,
@@ -62,7 +63,7 @@ def record_values(user_id: int, *, created_at: datetime | None = None, model: st
         "cache_read_tokens": cache_read_tokens, "input_price": input_price, "output_price": output_price,
         "cache_write_5m_price": cache_write_price, "cache_write_1h_price": cache_write_price,
         "cache_read_price": cache_read_price, "per_call_price": 0, "multiplier_ppm": multiplier_ppm,
-        "web_searches": web_searches, "web_search_price": web_search_price,
+        "web_searches": web_searches, "web_search_price": web_search_price, "service_tier": service_tier,
         "official_cost_pico": q.official_pico if billed else 0,
         "charge_micros": q.charge_micros if billed else 0, "hold_micros": 0,
         "latency_ms": latency_ms, "ttfb_ms": ttfb_ms, "attempts": 1, "created_at": created_at,
@@ -298,6 +299,22 @@ def test_detail_says_when_the_long_context_tier_priced_the_call(ctx, client):
     assert f'id="long-context-{long}"' in html and "passed 200,000 input tokens" in html
     assert "150,000 × $6.00" in html and "differs from the recomputed" not in html
     assert "long-context-" not in client.get(f"/usage/{short}").get_data(as_text=True)
+
+
+def test_detail_and_csv_name_the_processing_tier_that_priced_the_call(ctx, client):
+    """A record billed at fast mode's prices says so beside its formula and in the CSV; a
+    standard one does not."""
+    me = setup_user(client)
+    fast = add_record(me, input_tokens=1000, input_price=18_000_000, output_price=90_000_000,
+                      service_tier="fast")
+    plain = add_record(me, input_tokens=1000)
+    html = client.get(f"/usage/{fast}").get_data(as_text=True)
+    assert f'id="service-tier-{fast}"' in html and "Served with fast mode" in html
+    assert "1,000 × $18.00" in html and "differs from the recomputed" not in html
+    assert "service-tier-" not in client.get(f"/usage/{plain}").get_data(as_text=True)
+    table = list(csv.reader(io.StringIO(client.get("/usage/export.csv").get_data(as_text=True))))
+    col = table[0].index("service_tier")
+    assert [line[col] for line in table[1:-1]] == ["", "fast"] and table[-1][col] == ""
 
 
 def test_detail_expands_in_place_for_htmx_and_collapses_back(ctx, client):

@@ -300,7 +300,7 @@ _SETTLED_COLUMNS = ("status", "usage_source", "input_tokens", "output_tokens", "
                     "cache_write_1h_tokens", "cache_read_tokens", "web_searches", "input_price",
                     "output_price", "cache_write_5m_price", "cache_write_1h_price", "cache_read_price",
                     "official_cost_pico", "charge_micros", "latency_ms", "ttfb_ms", "attempts", "channel_id",
-                    "upstream_request_id", "error", "delivered_chars", "settled_at")
+                    "upstream_request_id", "error", "delivered_chars", "settled_at", "service_tier")
 _SETTLE_RECORD = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
                           .values({c: bindparam(c, type_=_U.c[c].type) for c in _SETTLED_COLUMNS})
                           .returning(_U.c.id))
@@ -309,7 +309,8 @@ _KEY_SPENT = Prepared(update(_K).where(_K.c.id == bindparam("p_key"))
                               last_used_at=bindparam("p_now", type_=_K.c.last_used_at.type)))
 _CHECKPOINT = Prepared(update(_U).where(_U.c.id == bindparam("p_id"), _U.c.status == "pending")
                        .values(delivered_chars=bindparam("delivered_chars"),
-                               web_searches=bindparam("web_searches")))
+                               web_searches=bindparam("web_searches"),
+                               service_tier=bindparam("service_tier")))
 
 
 # ---- admission ----------------------------------------------------------------------------
@@ -557,6 +558,7 @@ def _settle(adm: Admission, out: Outcome) -> bool:
         "upstream_request_id": (out.upstream_request_id or None) and out.upstream_request_id[:100],
         "error": (out.error or None) and out.error[:500],
         "delivered_chars": out.delivered_chars, "settled_at": now,
+        "service_tier": adm.prices.tier_served(t.service_tier),
     }
     # The call has been served: wait for the write lock as long as it takes within the
     # reconciler's grace, so the bill is the actual usage rather than the reconciler's estimate.
@@ -597,10 +599,11 @@ def _settle_pg(adm: Admission, record: dict, charge: int, now) -> bool:
     return bool(claimed)
 
 
-def checkpoint(record_id: int, delivered_chars: int, web_searches: int = 0) -> None:
+def checkpoint(record_id: int, delivered_chars: int, web_searches: int = 0, service_tier: str = "") -> None:
     """Progress of a long stream, so a reconciler after a crash bills the output and the web
-    searches delivered."""
-    params = {"p_id": record_id, "delivered_chars": delivered_chars, "web_searches": web_searches}
+    searches delivered, at the processing tier the stream reported (priced ones only)."""
+    params = {"p_id": record_id, "delivered_chars": delivered_chars, "web_searches": web_searches,
+              "service_tier": service_tier}
     if db.engine.dialect.name == "postgresql":
         with raw_tx(write=False) as tx:
             tx.execute(_CHECKPOINT, params)
@@ -618,7 +621,8 @@ def reconcile(limit: int = 500) -> int:
                UsageRecord.cache_read_price, UsageRecord.per_call_price, UsageRecord.web_search_price,
                UsageRecord.multiplier_ppm, UsageRecord.input_tokens, UsageRecord.delivered_chars,
                UsageRecord.created_at, ModelPrice.long_context_threshold, ModelPrice.long_context_input_ppm,
-               ModelPrice.long_context_output_ppm, UsageRecord.web_searches)
+               ModelPrice.long_context_output_ppm, UsageRecord.web_searches, UsageRecord.service_tier,
+               ModelPrice.priority_ppm, ModelPrice.flex_ppm)
         .outerjoin(ModelPrice, ModelPrice.name == UsageRecord.model)
         .where(UsageRecord.status == "pending", UsageRecord.deadline_at < utcnow())
         .order_by(UsageRecord.id).limit(limit)
@@ -626,11 +630,12 @@ def reconcile(limit: int = 500) -> int:
     db.session.rollback()  # end the read before the writes below
     settled = 0
     for r in rows:
-        # The record's (regular) prices, with the model's long-context tier, if it has one.
-        tier = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS,
-                "long_output_ppm": r[18] or MICROS}
-        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12], **tier), r[12], r[13])
-        tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0), web_searches=r[19])
+        # The record's (regular) prices, with the model's long-context and processing tiers.
+        tiers = {"long_threshold": r[16] or 0, "long_input_ppm": r[17] or MICROS,
+                 "long_output_ppm": r[18] or MICROS, "priority_ppm": r[21] or 0, "flex_ppm": r[22] or 0}
+        adm = Admission(r[0], r[1], r[2], r[3], r[4], Prices(*r[5:12], **tiers), r[12], r[13])
+        tokens = Tokens(input=r[13], output=estimate_output_tokens(r[14], 0), web_searches=r[19],
+                        service_tier=r[20])
         latency = int((utcnow() - r[15]).total_seconds() * 1000)
         out = Outcome("partial", "estimated", tokens, latency_ms=latency, delivered_chars=r[14],
                       error="not settled by its worker (crash or restart); settled by the reconciler")

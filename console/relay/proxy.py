@@ -387,7 +387,8 @@ def _stream(app, call: Call, adm: Admission, opened: _Opened, meter: StreamMeter
                     next_checkpoint = now + checkpoint_every
                     with app.app_context():
                         try:
-                            metering.checkpoint(adm.record_id, meter.chars, meter.searches_seen)
+                            metering.checkpoint(adm.record_id, meter.chars, meter.searches_seen,
+                                                adm.prices.tier_served(meter.service_tier))
                         except Exception:  # progress only: a busy database must not cut the stream
                             app.logger.warning("checkpoint skipped for %s", adm.request_id, exc_info=True)
             else:
