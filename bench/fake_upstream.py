@@ -44,6 +44,9 @@ text-generating ones (chat completions, responses, messages):
   failed_searches=N  of those, the last N failed (a failed web_search_call; a
                      web_search_tool_result whose content is an error), which providers do
                      not bill
+  discounted_searches=N  Responses: report tool_usage (web_search.num_requests, the billable
+                     searches) on the finished response, N fewer than the searches that ran
+                     (without the knob no tool_usage is sent, as by older API versions)
   standard_only=1    report service_tier "default" even when priority, fast or flex was asked
                      for (OpenAI; otherwise the tier asked for is reported), and usage.speed
                      "standard" even when speed "fast" was (Anthropic)
@@ -107,6 +110,7 @@ _KNOBS = frozenset(
         "gzip",
         "web_searches",
         "failed_searches",
+        "discounted_searches",
         "standard_only",
     )
 )
@@ -705,11 +709,18 @@ class FakeUpstream:
                 "top_p": body.get("top_p", 1.0),
                 "truncation": "disabled",
                 "usage": usage,
+                **({"tool_usage": tool_usage} if usage and "discounted_searches" in call.sc else {}),
                 "service_tier": _served_tier(call),
                 "user": None,
                 "metadata": body.get("metadata") or {},
             }
 
+        ran = sum(not failed for _query, failed in _searches(call))
+        tool_usage = {
+            "image_gen": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                          "output_tokens": 0, "total_tokens": 0},
+            "web_search": {"num_requests": max(0, ran - call.sc.get("discounted_searches", 0))},
+        }
         searches = [
             {"id": f"ws_{call.rid}_{i}", "type": "web_search_call",
              "status": "failed" if failed else "completed",

@@ -1111,6 +1111,37 @@ def test_web_searches_are_billed_per_search_on_top_of_tokens(relay, upstream, su
     assert_consistent(acct.user_id)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_responses_tool_usage_count_decides_the_searches_billed(relay, upstream, stream):
+    """A response that reports tool_usage bills its count of billable searches: of 3 searches
+    that ran, the provider counts 1 as discounted, so 2 are billed; with none discounted, 3."""
+    _app, client, acct = relay
+    for discounted, billed in ((1, 2), (0, 3)):
+        scenario(upstream, f"web_searches=3;discounted_searches={discounted}")
+        r = search_call(client, acct, "responses", stream)
+        assert r.status_code == 200 and b"num_requests" in r.data
+    few, all_ = records()
+    assert (few.web_searches, all_.web_searches) == (2, 3)
+    for rec in (few, all_):
+        assert rec.charge_micros == recomputed(rec) and rec.usage_source == "upstream"
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("count, billed", [(2, 2), (0, 0), (-1, 3), (True, 3), (2.0, 3), ("2", 3), (None, 3),
+                                           (10**12, 2**31)])
+def test_only_a_whole_tool_usage_count_replaces_the_items(count, billed):
+    """tool_usage.web_search.num_requests counts when it is a whole number (one beyond the
+    believable range is kept out of range, so the usage is not believed); anything else falls
+    back to the 3 web_search_call items of the output."""
+    from console.relay.protocols import believable, responses_tokens
+
+    items = [{"type": "web_search_call", "status": "completed", "action": {"type": "search"}}] * 3
+    resp = {"usage": {"input_tokens": 5, "output_tokens": 1}, "output": items,
+            "tool_usage": {"web_search": {"num_requests": count}}}
+    tokens = responses_tokens(resp)
+    assert tokens.web_searches == billed and believable(tokens) == (billed < 2**31)
+
+
 @pytest.mark.parametrize("surface", ["messages", "responses"])
 def test_a_stream_cut_after_its_searches_bills_the_searches_delivered(relay, upstream, surface):
     """The upstream breaks after three searches (one failed) and one delta reached the client:

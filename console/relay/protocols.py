@@ -8,8 +8,9 @@ not ask for it), and reading usage from JSON replies and from SSE events:
 - Anthropic: `message_start` usage (input side, exact from the first event) merged with
   `message_delta` usage (cumulative output), incl. cache creation (5 min / 1 h) and cache read,
   and the web searches run (`server_tool_use.web_search_requests`);
-- web searches of Responses: the `web_search_call` items of the reply's output; of a stream cut
-  short, the search items and result blocks that reached the client (a failed search is free);
+- web searches of Responses: the billable count of the response's `tool_usage`, else the
+  `web_search_call` items of its output; of a stream cut short, the search items and result
+  blocks that reached the client (a failed search is free);
 - Responses compaction (`/responses/compact`, never streamed): the reply's Responses usage.
 
 The stream is split into SSE events and each event is passed on as soon as it is complete;
@@ -154,9 +155,13 @@ def searches_in(surface: Surface, obj) -> int:
 
 
 def responses_tokens(resp: dict) -> Tokens:
-    """Responses usage: its tokens, the web searches its output shows (usage does not count
-    them) and the processing tier that served it."""
-    return replace(openai_tokens(resp["usage"]), web_searches=searches_in(RESPONSES, resp),
+    """Responses usage: its tokens, its web searches and the processing tier that served it.
+    The searches are the billable ones the response's `tool_usage` reports (discounted searches
+    excluded), else those its output shows (older API versions report no count)."""
+    billable = _dict(_dict(resp.get("tool_usage")).get("web_search")).get("num_requests")
+    counted = isinstance(billable, int) and not isinstance(billable, bool) and billable >= 0
+    searches = min(billable, MAX_REPORTED_TOKENS + 1) if counted else searches_in(RESPONSES, resp)
+    return replace(openai_tokens(resp["usage"]), web_searches=searches,
                    service_tier=_str(resp.get("service_tier")))
 
 
