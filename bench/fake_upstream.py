@@ -47,6 +47,9 @@ text-generating ones (chat completions, responses, messages):
   discounted_searches=N  Responses: report tool_usage (web_search.num_requests, the billable
                      searches) on the finished response, N fewer than the searches that ran
                      (without the knob no tool_usage is sent, as by older API versions)
+  compaction_tokens=N  Messages: the reply reports a server-side compaction whose own usage
+                     (N input, N // 10 output tokens) is in usage.iterations and not in the
+                     top-level usage fields, as Anthropic reports it (a stream: in message_delta)
   standard_only=1    report service_tier "default" even when priority, fast or flex was asked
                      for (OpenAI; otherwise the tier asked for is reported), and usage.speed
                      "standard" even when speed "fast" was (Anthropic)
@@ -112,6 +115,7 @@ _KNOBS = frozenset(
         "failed_searches",
         "discounted_searches",
         "standard_only",
+        "compaction_tokens",
     )
 )
 _TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "content", "text")
@@ -861,11 +865,20 @@ class FakeUpstream:
             "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None,
         }
+        compacted = call.sc.get("compaction_tokens")
+        iterations = [
+            {"type": "compaction", "input_tokens": compacted, "output_tokens": compacted // 10,
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            {"type": "message", "input_tokens": usage["input_tokens"] if usage else 0, "output_tokens": len(pieces),
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        ] if compacted else None
         if not body.get("stream"):
             if usage:
                 message["usage"] = dict(usage, output_tokens=len(pieces))
                 if searches:
                     message["usage"]["server_tool_use"] = {"web_search_requests": ran}
+                if iterations:
+                    message["usage"]["iterations"] = iterations
             return call.reply(message)
 
         start = dict(message, content=[], stop_reason=None)
@@ -917,6 +930,8 @@ class FakeUpstream:
         }
         if usage:
             stop["usage"] = {"output_tokens": len(pieces)}
+            if iterations:
+                stop["usage"]["iterations"] = iterations
             if searches:
                 stop["usage"]["server_tool_use"] = {"web_search_requests": ran}
         tail = [

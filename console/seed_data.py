@@ -116,5 +116,7 @@ FAQ = [
      "bill those fees yet. A request that offers one of these tools gets a 400 "
      "`unsupported_parameter` error and costs nothing. Your own function tools, web search and "
      "everything else a coding agent sends work as usual. In Codex CLI, leave "
-     "`include_image_gen_tool` off."),
+     "`include_image_gen_tool` off.\n\nFor the same reason Claude's advisor tool and server-side "
+     "`fallbacks`, which bring in another model's tokens at its prices, are not offered. Claude's "
+     "server-side compaction works; its summarising pass is billed with the call, as Anthropic bills it."),
 ]

@@ -293,6 +293,45 @@ def test_a_compaction_refuses_a_tier_its_reply_would_not_report(relay, upstream)
     assert_consistent(acct.user_id)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_server_side_compaction_is_billed_with_the_call(relay, upstream, stream):
+    """Anthropic reports a compaction pass only in usage.iterations, outside the top-level
+    fields: its 2,000 input and 200 output tokens are billed on top of the answer's, and a
+    request allowing compaction holds for the extra pass."""
+    _app, client, acct = relay
+    headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01", "anthropic-beta": "compact-2026-01-12"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": HI, "stream": stream}
+    compact = {"context_management": {"edits": [{"type": "compact_20260112"}]}}
+    assert client.post("/v1/messages", json=body, headers=headers).status_code == 200
+    scenario(upstream, "compaction_tokens=2000")
+    r = client.post("/v1/messages", json={**body, **compact}, headers=headers)
+    assert r.status_code == 200 and b'"compaction"' in r.data
+    plain, compacted = records()
+    assert (compacted.input_tokens, compacted.output_tokens) == (plain.input_tokens + 2000, plain.output_tokens + 200)
+    assert compacted.usage_source == "upstream" and compacted.charge_micros == recomputed(compacted)
+    assert compacted.hold_micros > plain.hold_micros + 1000 * 5 * 3 // 10  # + a 1,000-token output cap at $5/M × 0.3
+    assert_consistent(acct.user_id)
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-6"}]},
+    {"fallbacks": "default"},
+    {"fallbacks": [{"model": "claude-sonnet-4-5"}]},
+], ids=["advisor", "default-fallbacks", "fallback-list"])
+def test_messages_served_by_another_model_are_refused(relay, upstream, extra):
+    """The advisor tool's sub-inference and a server-side fallback are other models' tokens,
+    at their prices: 400 before admission, nothing sent or held; an empty fallbacks list passes."""
+    _app, client, acct = relay
+    fake_reset(upstream)
+    headers = {"x-api-key": acct.key, "anthropic-version": "2023-06-01"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": HI}
+    r = client.post("/v1/messages", json={**body, **extra}, headers=headers)
+    assert r.status_code == 400 and r.get_json()["error"]["type"] == "invalid_request_error"
+    assert fake_stats(upstream)["requests"] == 0 and records() == []
+    assert wallet(acct.user_id).balance_micros == 100_000_000
+    assert client.post("/v1/messages", json={**body, "fallbacks": []}, headers=headers).status_code == 200
+
+
 def test_relay_ignores_console_cookies(relay):
     """/v1 gets no cookie session: a console cookie sent along is not decoded, nothing is set,
     and the answer does not vary on it."""

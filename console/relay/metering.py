@@ -27,8 +27,10 @@ least one byte) + 4 per JSON object + 64, + 8,000 per image and the whole contex
 document part, capped at the model's context window; output = the request's max_tokens /
 max_completion_tokens / max_output_tokens (× n) capped at the model's max_output_tokens,
 or that cap when the request sets none; web searches = the max_uses of each server-side web
-search tool, or SEARCH_HOLD_USES for one without, within max_tool_calls (see _search_bound). Every input token is priced at the dearest
-input class. The settle charges the actual usage even if it exceeds the hold (the upstream
+search tool, or SEARCH_HOLD_USES for one without, within max_tool_calls (see _search_bound);
+a request allowing Anthropic's server-side compaction holds the input twice and one more
+output cap (the compaction pass, billed from usage.iterations). Every input token is priced
+at the dearest input class. The settle charges the actual usage even if it exceeds the hold (the upstream
 already served it), so the overdraft bound is zero as long as the model's max_output_tokens is
 the upstream's real cap and a search tool without max_uses runs at most SEARCH_HOLD_USES;
 otherwise it is at most (actual − hold) per call.
@@ -110,12 +112,14 @@ class Estimate:
     n: int
     web_searches: int = 0  # the most the request's web search tools may run
     service_tier: str = ""  # the processing tier the request asks for (OpenAI), "fast" for fast mode
-
+    # Anthropic server-side compaction may run: one more pass of the model over the whole
+    # prompt, writing a summary of up to the model's output cap (billed outside the top-level usage).
+    compaction: bool = False
 
     def input_hold_tokens(self, model: ModelInfo) -> int:
         bound = (self.text_bytes + 4 * self.objects + 64 + IMAGE_HOLD_TOKENS * self.images
                  + model.context_window * self.files)
-        return min(bound, model.context_window)
+        return min(bound, model.context_window) * (2 if self.compaction else 1)
 
     def output_hold_tokens(self, model: ModelInfo) -> int:
         if model.kind == "embedding":
@@ -123,7 +127,7 @@ class Estimate:
         per_choice = model.max_output_tokens
         if self.requested_output is not None:
             per_choice = min(self.requested_output, model.max_output_tokens)
-        return per_choice * self.n
+        return per_choice * self.n + (model.max_output_tokens if self.compaction else 0)
 
     def input_tokens(self) -> int:
         """Best guess of the input (billing when the upstream reported none)."""
@@ -170,8 +174,12 @@ def estimate(body: dict) -> Estimate:
             requested = v if requested is None else max(requested, v)
     n = _positive_int(body, "n", 128) or 1
     tier = "fast" if body.get("speed") == "fast" else body.get("service_tier")  # Anthropic's speed
+    cm = body.get("context_management")
+    edits = cm.get("edits") if isinstance(cm, dict) else None
+    compaction = any(isinstance(e, dict) and isinstance(e.get("type"), str) and e["type"].startswith("compact")
+                     for e in (edits if isinstance(edits, list) else ()))
     return Estimate(text_bytes, text_chars, objects, images, files, requested, n, _search_bound(body),
-                    tier if isinstance(tier, str) else "")
+                    tier if isinstance(tier, str) else "", compaction)
 
 
 def _count_field(obj: dict, name: str) -> int | None:

@@ -114,18 +114,32 @@ def openai_tokens(u: dict) -> Tokens:
     return Tokens(input=total_in - cached, output=out, cache_read=cached)
 
 
-def anthropic_tokens(u: dict) -> Tokens:
-    """Messages usage, incl. the web searches run (`server_tool_use.web_search_requests`) and
-    the speed served (`speed`: fast mode is a processing tier; its `service_tier` is not read,
-    as Anthropic's priority tier is a committed-spend contract, not a price per token)."""
+def _anthropic_token_classes(u: dict) -> Tokens:
     created = _int(u.get("cache_creation_input_tokens"))
     split = _dict(u.get("cache_creation"))
     w1h = min(_int(split.get("ephemeral_1h_input_tokens")), created)
     return Tokens(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
                   cache_write_5m=created - w1h, cache_write_1h=w1h,
-                  cache_read=_int(u.get("cache_read_input_tokens")),
-                  web_searches=_int(_dict(u.get("server_tool_use")).get("web_search_requests")),
-                  service_tier="fast" if u.get("speed") == "fast" else "")
+                  cache_read=_int(u.get("cache_read_input_tokens")))
+
+
+def anthropic_tokens(u: dict) -> Tokens:
+    """Messages usage, incl. the web searches run (`server_tool_use.web_search_requests`) and
+    the speed served (`speed`: fast mode is a processing tier; its `service_tier` is not read,
+    as Anthropic's priority tier is a committed-spend contract, not a price per token).
+
+    A server-side compaction (context management) is a sampling pass of the same model whose
+    tokens Anthropic reports only as a `compaction` entry of `usage.iterations`, outside the
+    top-level fields, and bills: they are added. The other entries are inside the top level."""
+    t = _anthropic_token_classes(u)
+    for entry in map(_dict, _list(u.get("iterations"))):
+        if entry.get("type") == "compaction":
+            c = _anthropic_token_classes(entry)
+            t = Tokens(input=t.input + c.input, output=t.output + c.output,
+                       cache_write_5m=t.cache_write_5m + c.cache_write_5m,
+                       cache_write_1h=t.cache_write_1h + c.cache_write_1h, cache_read=t.cache_read + c.cache_read)
+    return replace(t, web_searches=_int(_dict(u.get("server_tool_use")).get("web_search_requests")),
+                   service_tier="fast" if u.get("speed") == "fast" else "")
 
 
 # A Responses output item the provider bills per use (OpenAI's hosted web search), and the

@@ -154,13 +154,24 @@ _UNBILLED_TOOLS = {
 
 
 def _refuse_unpriced_options(call: Call) -> None:
-    tools = call.body.get("tools") if call.surface in (CHAT, RESPONSES, COMPACT) else None
+    tools = call.body.get("tools")
     for tool in tools if isinstance(tools, list) else ():
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if isinstance(kind, str) and kind in _UNBILLED_TOOLS:
+        if not isinstance(kind, str):
+            continue
+        if call.surface in (CHAT, RESPONSES, COMPACT) and kind in _UNBILLED_TOOLS:
             raise RelayError(400, f"The hosted tool '{kind}' is not offered here: {_UNBILLED_TOOLS[kind]} on "
                                   "the provider's side, which this relay does not bill. Remove it from 'tools'.",
                              code="unsupported_parameter")
+        if call.surface is MESSAGES and kind.startswith("advisor_"):
+            # The advisor's own sampling is another model's, billed at that model's prices.
+            raise RelayError(400, "The advisor tool is not offered here: its advice is another model's "
+                                  "tokens, which this relay does not bill. Remove it from 'tools'.",
+                             code="unsupported_parameter")
+    fallbacks = call.body.get("fallbacks")
+    if call.surface is MESSAGES and fallbacks is not None and fallbacks != []:
+        raise RelayError(400, "Server-side fallbacks are not offered here: a substitute model would serve "
+                              "the call at its own prices; leave 'fallbacks' out.", code="unsupported_parameter")
     for surfaces, name, standard, why in _UNPRICED_OPTIONS:
         value = call.body.get(name)
         if (name in ("service_tier", "speed") and isinstance(value, str) and call.model.prices.offers(value)
